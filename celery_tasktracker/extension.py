@@ -1,0 +1,137 @@
+"""Installing the extension on a Celery app: settings, store, signal handlers."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery, signals
+from celery.utils.log import get_logger
+
+from .config import TrackerConfig
+from .exceptions import TaskTrackerError
+from .store import MongoStore
+
+if TYPE_CHECKING:
+    from .store.mongo import Document
+
+__all__ = ["TaskTracker", "get_tracker", "install"]
+
+logger = get_logger(__name__)
+
+_ATTRIBUTE = "_tasktracker"
+
+
+class TaskTracker:
+    """The extension's state for one Celery app: validated settings and the store.
+
+    Settings are read on first use, so ``install(app)`` may run before the
+    app's configuration is loaded.
+    """
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self._lock = threading.Lock()
+        self._config: TrackerConfig | None = None
+        self._store: MongoStore | None = None
+
+    @property
+    def config(self) -> TrackerConfig:
+        """The validated settings; raises ``ImproperlyConfigured`` when invalid."""
+        if self._config is None:
+            with self._lock:
+                if self._config is None:
+                    self._config = TrackerConfig.from_mapping(self.app.conf)
+        return self._config
+
+    @property
+    def store(self) -> MongoStore:
+        """The execution store of this app."""
+        if self._store is None:
+            config = self.config
+            with self._lock:
+                if self._store is None:
+                    self._store = MongoStore(config)
+        return self._store
+
+    def history(self, task_id: str) -> list[Document]:
+        """Return every execution of *task_id*, oldest first: its retry chain."""
+        return self.store.history(task_id)
+
+    def dlq_name(self, queue: str) -> str:
+        """Return the dead-letter queue name for the source *queue*."""
+        return f"{queue}{self.config.dlq_suffix}"
+
+    def reset(self) -> None:
+        """Forget the settings and close the store, e.g. after changing the config."""
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+            self._store = None
+            self._config = None
+
+
+def get_tracker(app: Celery) -> TaskTracker:
+    """Return the tracker installed on *app*.
+
+    Raises:
+        TaskTrackerError: if ``install(app)`` was not called.
+    """
+    tracker = getattr(app, _ATTRIBUTE, None)
+    if tracker is None:
+        raise TaskTrackerError(
+            f"celery_tasktracker is not installed on app {app.main!r}: call "
+            "celery_tasktracker.install(app) where the app is created"
+        )
+    return tracker  # type: ignore[no-any-return]
+
+
+def install(app: Celery) -> TaskTracker:
+    """Install the extension on *app* and return its tracker.
+
+    Connects the publish hook that tracks ``send_task`` and beat messages and
+    the worker start-up hook that validates settings and creates indexes.
+    Calling it again on the same app returns the same tracker.
+    """
+    existing = getattr(app, _ATTRIBUTE, None)
+    if existing is not None:
+        return existing  # type: ignore[no-any-return]
+
+    tracker = TaskTracker(app)
+    setattr(app, _ATTRIBUTE, tracker)
+
+    # Imported here because both modules import this one.
+    from .monitoring import install_worker_components
+    from .publish import on_before_task_publish
+
+    uid = f"celery_tasktracker:{id(app)}"
+    def track_publish(sender: Any = None, **kwargs: Any) -> None:
+        on_before_task_publish(app, sender, **kwargs)
+
+    signals.before_task_publish.connect(
+        track_publish, weak=False, dispatch_uid=f"{uid}:publish",
+    )
+    signals.worker_init.connect(
+        _on_worker_init, sender=None, weak=False, dispatch_uid=f"{uid}:worker_init",
+    )
+    install_worker_components(app)
+    return tracker
+
+
+def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
+    # Fail at start-up, not on the first task, when settings are wrong or the
+    # store is unreachable; then close the client so no pool child inherits it.
+    tracker = getattr(getattr(sender, "app", None), _ATTRIBUTE, None)
+    if tracker is None:
+        return
+    config = tracker.config
+    try:
+        tracker.store.ensure_indexes()
+    except TaskTrackerError as exc:
+        logger.warning("tasktracker: could not create indexes at start-up: %s", exc)
+    finally:
+        tracker.store.close()
+    logger.info(
+        "tasktracker: tracking executions in %s, collection %r",
+        config.masked_uri, config.collection,
+    )

@@ -1,0 +1,217 @@
+"""Send-side tracking: the execution record and tracking header of each publish."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery, current_app
+from celery.utils.log import get_logger
+
+from . import signals
+from .exceptions import TaskTrackerError
+from .ids import new_execution_id
+from .store.base import QUEUED, utcnow
+
+if TYPE_CHECKING:
+    from .extension import TaskTracker
+    from .store.mongo import Document
+
+__all__ = ["HEADER", "SendOutcome", "TaskKey", "on_before_task_publish", "register_send"]
+
+logger = get_logger(__name__)
+
+#: Message header that carries the tracking fields.
+HEADER = "tasktracker"
+#: Version of the tracking header layout.
+HEADER_VERSION = 1
+
+#: Attempts to insert after releasing a stale record before giving up.
+_INSERT_ATTEMPTS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskKey:
+    """A taskId with the rendered parts it was built from."""
+
+    task_id: str
+    #: Parts of a key built from named arguments or a key function; empty for
+    #: a key built from the digest of all arguments.
+    parts: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class SendOutcome:
+    """What ``register_send`` did: a new execution, or the active one that blocked it."""
+
+    document: Document | None
+    existing: Document | None
+
+    @property
+    def is_duplicate(self) -> bool:
+        return self.document is None
+
+    @property
+    def header(self) -> dict[str, Any]:
+        """The tracking header for the message of the new execution."""
+        assert self.document is not None
+        return {
+            "v": HEADER_VERSION,
+            "taskId": self.document["taskId"],
+            "executionId": self.document["executionId"],
+            "attempt": self.document["attempt"],
+        }
+
+
+def build_document(
+    *,
+    key: TaskKey,
+    task_name: str,
+    celery_task_id: str,
+    queue: str | None,
+    attempt: int,
+    now: dt.datetime,
+    dedup_window: float,
+    not_before: dt.datetime | None = None,
+    holds_key: bool = True,
+    status: str = QUEUED,
+    extra: Mapping[str, Any] | None = None,
+) -> Document:
+    """Return a new execution record.
+
+    *holds_key* is False for executions that must not take part in
+    deduplication: group and chord members, and forced sends.
+    """
+    start = max(now, not_before) if not_before else now
+    document: Document = {
+        "taskId": key.task_id,
+        "executionId": new_execution_id(),
+        "celeryTaskId": celery_task_id,
+        "taskName": task_name,
+        "queue": queue,
+        "attempt": attempt,
+        "status": status,
+        "active": holds_key,
+        "createdAt": now,
+        "updatedAt": now,
+        "dedupExpiresAt": start + dt.timedelta(seconds=dedup_window),
+        "redelivered": False,
+    }
+    if key.parts:
+        document["keyParts"] = list(key.parts)
+    if not_before and not_before > now:
+        document["notBefore"] = not_before
+    if extra:
+        document.update(extra)
+    return document
+
+
+def register_send(tracker: TaskTracker, document: Document) -> SendOutcome:
+    """Insert *document* unless another execution of its taskId is active.
+
+    The insert is the dedup check: the unique partial index on active records
+    rejects a second active execution of the same taskId atomically. A record
+    that no longer blocks (queued past its dedup window, or processing with a
+    lapsed lease) is superseded and the insert tried again.
+    """
+    store = tracker.store
+    task_id = document["taskId"]
+    for _ in range(_INSERT_ATTEMPTS):
+        if store.insert(document):
+            return SendOutcome(document=document, existing=None)
+
+        now = utcnow()
+        existing = store.note_deduplicated(task_id, now)
+        if existing is not None:
+            return SendOutcome(document=None, existing=existing)
+
+        # The holder is stale or finished after the insert: release a stale
+        # one and try again.
+        holder = store.find_active(task_id)
+        if holder is not None and store.supersede_if_stale(holder, now):
+            logger.info(
+                "tasktracker: superseded stale %s execution of taskId=%s executionId=%s",
+                holder.get("status"), task_id, holder.get("executionId"),
+            )
+    return SendOutcome(document=None, existing=store.find_active(task_id))
+
+
+def announce_duplicate(sender: Any, task_id: str, existing: Document | None) -> None:
+    """Log a rejected send and send the ``task_deduplicated`` signal."""
+    existing = existing or {}
+    logger.info(
+        "tasktracker: deduplicated send of taskId=%s: executionId=%s is %s "
+        "(celery task id %s)",
+        task_id, existing.get("executionId"), existing.get("status"),
+        existing.get("celeryTaskId"),
+    )
+    signals.send_safely(
+        signals.task_deduplicated, sender,
+        task_id=task_id, execution_id=existing.get("executionId"),
+        celery_task_id=existing.get("celeryTaskId"), status=existing.get("status"),
+    )
+
+
+def on_before_task_publish(
+    app: Celery,
+    sender: str | None = None,
+    body: Any = None,
+    headers: dict[str, Any] | None = None,
+    routing_key: str | None = None,
+    **kwargs: Any,
+) -> None:
+    """Track messages of tracked tasks published without a tracking header.
+
+    This covers ``app.send_task``, beat and any path that does not go
+    through the tracked base class's ``apply_async`` of *app*. A Celery signal cannot
+    stop a publish, so a duplicate is marked in its header and the worker
+    skips it at claim time.
+    """
+    if not headers or HEADER in headers:
+        return
+    # NOTE: the signal does not say which app publishes, so with several
+    # apps in one process only the current app's sends are tracked here.
+    if current_app._get_current_object() is not app:
+        return
+    from .extension import get_tracker
+    from .task import TrackedTask
+
+    task = app.tasks.get(headers.get("task") or sender or "")
+    if not isinstance(task, TrackedTask) or not task.is_tracking_enabled():
+        return
+    args, call_kwargs = _body_arguments(body)
+    try:
+        tracker = get_tracker(app)
+        key = task.build_task_key(args, call_kwargs)
+        document = build_document(
+            key=key, task_name=task.name, celery_task_id=headers["id"],
+            queue=routing_key, attempt=int(headers.get("retries") or 0), now=utcnow(),
+            dedup_window=tracker.config.dedup_window,
+            holds_key=not headers.get("group"), extra={"sentBy": "publish_hook"},
+        )
+        outcome = register_send(tracker, document)
+    except TaskTrackerError as exc:
+        logger.warning(
+            "tasktracker: could not track the publish of %s (celery task id %s); the "
+            "worker will adopt it: %s", task.name, headers.get("id"), exc,
+        )
+        return
+
+    if outcome.is_duplicate:
+        existing = outcome.existing or {}
+        headers[HEADER] = {
+            "v": HEADER_VERSION, "taskId": key.task_id,
+            "duplicateOf": existing.get("executionId"),
+        }
+        announce_duplicate(task, key.task_id, existing)
+        return
+    headers[HEADER] = outcome.header
+
+
+def _body_arguments(body: Any) -> tuple[Sequence[Any], Mapping[str, Any]]:
+    # Task message protocol 2 bodies are (args, kwargs, embed).
+    if isinstance(body, list | tuple) and len(body) >= 2:
+        return tuple(body[0] or ()), dict(body[1] or {})
+    return (), {}

@@ -1,0 +1,355 @@
+"""The MongoDB store: one document per execution, compare-and-set transitions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+import pymongo
+from celery.utils.log import get_logger
+from pymongo.collection import Collection
+from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+
+from ..config import TrackerConfig
+from ..exceptions import StoreUnavailableError
+from .base import ARCHIVED, COMPLETED, DLQ, FAILED, PROCESSING, QUEUED
+
+__all__ = ["MongoStore"]
+
+logger = get_logger(__name__)
+
+T = TypeVar("T")
+
+Document = dict[str, Any]
+
+#: Name of the unique partial index that makes an insert the dedup check.
+DEDUP_INDEX = "taskId_active_unique"
+
+
+def _index_models(retention: float) -> list[pymongo.IndexModel]:
+    # Each index serves one query of the product; see the schema page of
+    # the docs for which.
+    return [
+        pymongo.IndexModel([("executionId", 1)], name="executionId_unique", unique=True),
+        pymongo.IndexModel([("taskId", 1), ("createdAt", 1)], name="taskId_createdAt"),
+        pymongo.IndexModel(
+            [("taskId", 1)], name=DEDUP_INDEX, unique=True,
+            partialFilterExpression={"active": True},
+        ),
+        pymongo.IndexModel([("status", 1), ("queue", 1)], name="status_queue"),
+        pymongo.IndexModel([("status", 1), ("leaseExpiresAt", 1)], name="status_leaseExpiresAt"),
+        pymongo.IndexModel(
+            [("completedAt", 1)], name="completedAt_ttl", expireAfterSeconds=int(retention),
+        ),
+        pymongo.IndexModel([("celeryTaskId", 1)], name="celeryTaskId"),
+    ]
+
+
+class MongoStore:
+    """Execution records in one MongoDB collection.
+
+    The client is created lazily and once per process: a process forked
+    from another one (a prefork pool child) opens its own client and never
+    touches the parent's.
+    """
+
+    def __init__(self, config: TrackerConfig) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._client: pymongo.MongoClient[Document] | None = None
+        self._pid: int | None = None
+        self._indexes_ready = False
+
+    # -- connection -------------------------------------------------------
+
+    @property
+    def collection(self) -> Collection[Document]:
+        """The collection, connecting on first use in this process."""
+        pid = os.getpid()
+        if self._client is None or self._pid != pid:
+            with self._lock:
+                if self._client is None or self._pid != pid:
+                    self._client = self._connect()
+                    self._pid = pid
+        database = self._client.get_database(self.config.database) if self.config.database \
+            else self._client.get_default_database("celery_tasktracker")
+        return database.get_collection(self.config.collection)
+
+    def _connect(self) -> pymongo.MongoClient[Document]:
+        timeout_ms = int(self.config.mongodb_timeout * 1000)
+        logger.debug("tasktracker: connecting to %s", self.config.masked_uri)
+        return pymongo.MongoClient(
+            self.config.mongodb_uri,
+            tz_aware=True,
+            connect=False,
+            serverSelectionTimeoutMS=timeout_ms,
+            connectTimeoutMS=timeout_ms,
+            socketTimeoutMS=timeout_ms,
+            appname="celery-tasktracker",
+        )
+
+    def close(self) -> None:
+        """Close this process's client; the next operation reconnects."""
+        with self._lock:
+            if self._client is not None and self._pid == os.getpid():
+                self._client.close()
+            self._client = None
+            self._pid = None
+
+    def _run(self, what: str, operation: Callable[[], T]) -> T:
+        try:
+            return operation()
+        except DuplicateKeyError:
+            raise
+        except PyMongoError as exc:
+            raise StoreUnavailableError(
+                f"tracking store operation {what!r} failed on {self.config.masked_uri}: "
+                f"{exc}"
+            ) from exc
+
+    def ensure_indexes(self) -> None:
+        """Create the indexes the store relies on; safe to call repeatedly."""
+        if self._indexes_ready:
+            return
+        models = _index_models(self.config.retention)
+        try:
+            self._run("create_indexes", lambda: self.collection.create_indexes(models))
+        except StoreUnavailableError as exc:
+            if not isinstance(exc.__cause__, OperationFailure):
+                raise
+            # An index of the same name with other options exists, most often
+            # a TTL created under another tasktracker_retention. Keep it.
+            logger.warning(
+                "tasktracker: kept existing indexes of %s.%s whose options differ: %s",
+                self.collection.database.name, self.config.collection, exc.__cause__,
+            )
+        self._indexes_ready = True
+
+    # -- writes -----------------------------------------------------------
+
+    def insert(self, document: Document) -> bool:
+        """Insert a new execution; return False if its taskId is already active."""
+        self.ensure_indexes()
+        try:
+            self._run("insert", lambda: self.collection.insert_one(document))
+        except DuplicateKeyError as exc:
+            if (exc.details or {}).get("keyPattern", {}).get("executionId"):
+                raise
+            return False
+        finally:
+            # insert_one adds the generated _id to the caller's dict.
+            document.pop("_id", None)
+        return True
+
+    def insert_many_unordered(self, documents: list[Document]) -> list[bool]:
+        """Insert executions in one round trip; return which were inserted."""
+        self.ensure_indexes()
+        inserted = [True] * len(documents)
+        if not documents:
+            return inserted
+        try:
+            self._run(
+                "insert_many",
+                lambda: self.collection.insert_many(documents, ordered=False),
+            )
+        except pymongo.errors.BulkWriteError as exc:
+            for error in exc.details.get("writeErrors", []):
+                if error.get("code") != 11000:
+                    raise StoreUnavailableError(
+                        f"tracking store insert_many failed: {error.get('errmsg')}"
+                    ) from exc
+                inserted[error["index"]] = False
+        finally:
+            for document in documents:
+                document.pop("_id", None)
+        return inserted
+
+    def note_deduplicated(self, task_id: str, now: dt.datetime) -> Document | None:
+        """Count a rejected send on the live execution of *task_id* and return it.
+
+        Live means queued within its dedup window or processing within its
+        lease; a stale holder is not counted and ``None`` is returned.
+        """
+        live = [
+            {"status": QUEUED, "dedupExpiresAt": {"$gte": now}},
+            {"status": PROCESSING, "leaseExpiresAt": {"$gte": now}},
+        ]
+        return self._run("note_deduplicated", lambda: self.collection.find_one_and_update(
+            {"taskId": task_id, "active": True, "$or": live},
+            {"$inc": {"deduplicatedSends": 1}, "$set": {"lastDeduplicatedAt": now}},
+            return_document=pymongo.ReturnDocument.AFTER,
+        ))
+
+    def supersede_if_stale(self, document: Mapping[str, Any], now: dt.datetime) -> bool:
+        """Release the dedup key of *document* if it no longer blocks sends.
+
+        A queued execution blocks until its ``dedupExpiresAt``; a processing
+        one while its lease is alive. The update is a compare-and-set on the
+        executionId and the state that was read, so a record that moved in
+        between is left alone. A superseded execution is never claimed.
+        """
+        status = document.get("status")
+        if status == QUEUED:
+            stale = {"status": QUEUED, "dedupExpiresAt": {"$lt": now}}
+        elif status == PROCESSING:
+            stale = {"status": PROCESSING, "leaseExpiresAt": {"$lt": now}}
+        else:
+            return False
+        result = self._run("supersede", lambda: self.collection.update_one(
+            {"executionId": document["executionId"], "active": True, **stale},
+            {"$set": {"active": False, "superseded": True, "updatedAt": now}},
+        ))
+        return result.modified_count == 1
+
+    def claim(
+        self,
+        execution_id: str,
+        *,
+        worker: Mapping[str, Any],
+        now: dt.datetime,
+        lease_expires_at: dt.datetime,
+    ) -> Document | None:
+        """Move a queued execution, or one whose lease lapsed, to processing.
+
+        Returns ``None`` when the claim succeeded and the reason document
+        (the current record, or ``{}`` when there is none) when it failed.
+        Exactly one of several concurrent claimants succeeds.
+        """
+        update = {
+            "$set": {
+                "status": PROCESSING,
+                "worker": dict(worker),
+                "startedAt": now,
+                "updatedAt": now,
+                "leaseExpiresAt": lease_expires_at,
+            },
+        }
+        queued = self._run("claim", lambda: self.collection.update_one(
+            {"executionId": execution_id, "status": QUEUED, "superseded": {"$ne": True}},
+            update,
+        ))
+        if queued.matched_count:
+            return None
+
+        # The slow path: a redelivery after the first claimant's lease lapsed.
+        lapsed_update = {**update, "$set": {**update["$set"], "redelivered": True}}
+        lapsed = self._run("claim_lapsed", lambda: self.collection.update_one(
+            {"executionId": execution_id, "status": PROCESSING,
+             "leaseExpiresAt": {"$lt": now}, "superseded": {"$ne": True}},
+            lapsed_update,
+        ))
+        if lapsed.matched_count:
+            return None
+        return self.get(execution_id) or {}
+
+    def note_duplicate_delivery(self, execution_id: str, now: dt.datetime) -> None:
+        """Count a delivery that was skipped because its execution cannot be claimed."""
+        self._run("note_duplicate_delivery", lambda: self.collection.update_one(
+            {"executionId": execution_id},
+            {"$inc": {"duplicateDeliveries": 1}, "$set": {"lastDuplicateDeliveryAt": now}},
+        ))
+
+    def complete(
+        self, execution_id: str, *, now: dt.datetime, runtime_ms: float, result: str | None,
+    ) -> bool:
+        """Record success of a processing execution and release its dedup key."""
+        outcome = self._run("complete", lambda: self.collection.update_one(
+            {"executionId": execution_id, "status": PROCESSING},
+            {"$set": {"status": COMPLETED, "active": False, "completedAt": now,
+                      "updatedAt": now, "runtimeMs": runtime_ms, "result": result},
+             "$unset": {"leaseExpiresAt": ""}},
+        ))
+        return outcome.matched_count == 1
+
+    def fail(
+        self,
+        execution_id: str,
+        *,
+        now: dt.datetime,
+        error: Mapping[str, Any],
+        status: str = FAILED,
+        runtime_ms: float | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Record a failed attempt (``failed`` or ``dlq``) and release its dedup key.
+
+        Applies to an execution that is queued or processing, and also moves a
+        ``failed`` one to ``dlq`` when an exhausted retry is dead-lettered.
+        """
+        allowed = [QUEUED, PROCESSING] + ([FAILED] if status == DLQ else [])
+        fields = {"status": status, "active": False, "completedAt": now, "updatedAt": now,
+                  **error, **(extra or {})}
+        if runtime_ms is not None:
+            fields["runtimeMs"] = runtime_ms
+        outcome = self._run("fail", lambda: self.collection.update_one(
+            {"executionId": execution_id, "status": {"$in": allowed}},
+            {"$set": fields, "$unset": {"leaseExpiresAt": ""}},
+        ))
+        return outcome.matched_count == 1
+
+    def archive(self, execution_id: str, *, now: dt.datetime, extra: Mapping[str, Any]) -> bool:
+        """Move a ``dlq`` execution to ``archived``."""
+        outcome = self._run("archive", lambda: self.collection.update_one(
+            {"executionId": execution_id, "status": DLQ},
+            {"$set": {"status": ARCHIVED, "updatedAt": now, **extra}},
+        ))
+        return outcome.matched_count == 1
+
+    def renew_leases(
+        self, celery_task_ids: Iterable[str], *, hostname: str, lease_expires_at: dt.datetime,
+    ) -> int:
+        """Extend the leases of this worker's running executions in one write."""
+        ids = list(celery_task_ids)
+        if not ids:
+            return 0
+        outcome = self._run("renew_leases", lambda: self.collection.update_many(
+            {"celeryTaskId": {"$in": ids}, "status": PROCESSING,
+             "worker.hostname": hostname},
+            {"$set": {"leaseExpiresAt": lease_expires_at}},
+        ))
+        return outcome.modified_count
+
+    # -- reads ------------------------------------------------------------
+
+    def get(self, execution_id: str) -> Document | None:
+        """Return the record of one execution, or None."""
+        return self._run("get", lambda: self.collection.find_one(
+            {"executionId": execution_id}, {"_id": 0},
+        ))
+
+    def find_active(self, task_id: str) -> Document | None:
+        """Return the execution of *task_id* that holds its dedup key, or None."""
+        return self._run("find_active", lambda: self.collection.find_one(
+            {"taskId": task_id, "active": True}, {"_id": 0},
+        ))
+
+    def find_by_celery_id(self, celery_task_id: str, attempt: int | None = None) -> Document | None:
+        """Return the latest execution sent with *celery_task_id*, or None."""
+        query: dict[str, Any] = {"celeryTaskId": celery_task_id}
+        if attempt is not None:
+            query["attempt"] = attempt
+        return self._run("find_by_celery_id", lambda: self.collection.find_one(
+            query, {"_id": 0}, sort=[("createdAt", -1)],
+        ))
+
+    def history(self, task_id: str) -> list[Document]:
+        """Return every execution of *task_id*, oldest first."""
+        return self._run("history", lambda: list(self.collection.find(
+            {"taskId": task_id}, {"_id": 0},
+        ).sort([("createdAt", 1), ("attempt", 1)])))
+
+    def counts_by_status(self, queue: str | None = None) -> dict[str, dict[str, int]]:
+        """Return ``{queue: {status: count}}``, for one queue or all."""
+        match: dict[str, Any] = {} if queue is None else {"queue": queue}
+        pipeline = [
+            {"$match": match},
+            {"$group": {"_id": {"queue": "$queue", "status": "$status"}, "n": {"$sum": 1}}},
+        ]
+        counts: dict[str, dict[str, int]] = {}
+        for row in self._run("counts", lambda: list(self.collection.aggregate(pipeline))):
+            key = row["_id"]
+            counts.setdefault(key.get("queue") or "", {})[key.get("status") or ""] = row["n"]
+        return counts

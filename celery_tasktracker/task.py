@@ -1,0 +1,612 @@
+"""The tracked Task base class: dedup at send, claim before run, outcome records."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+from celery import Task
+from celery.exceptions import Ignore, Reject, Retry
+from celery.result import AsyncResult
+from celery.utils import uuid
+from celery.utils.log import get_logger
+from celery.utils.time import get_exponential_backoff_interval
+
+from . import signals
+from .categories import categorize
+from .dlq import dead_letter
+from .exceptions import DuplicateTaskError, StoreUnavailableError, TaskIdError
+from .extension import TaskTracker, get_tracker
+from .ids import bind_arguments, canonical_digest, join_task_id, render_part
+from .publish import (
+    HEADER,
+    TaskKey,
+    announce_duplicate,
+    build_document,
+    register_send,
+)
+from .store.base import COMPLETED, FAILED, PROCESSING, QUEUED, utcnow
+
+__all__ = ["ExecutionContext", "TrackedTask"]
+
+logger = get_logger(__name__)
+
+#: Request attribute that holds the running execution's context.
+_CONTEXT_ATTRIBUTE = "tasktracker_execution"
+
+#: Times an outcome write is tried before the error is logged and dropped.
+_OUTCOME_WRITE_ATTEMPTS = 3
+
+
+@dataclasses.dataclass
+class ExecutionContext:
+    """What the worker knows about the execution whose body is running."""
+
+    task_id: str
+    execution_id: str
+    celery_task_id: str
+    attempt: int
+    queue: str | None
+    holds_key: bool
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    #: Set when the body called ``retry()``; an exception that still escapes
+    #: the body then means the retries are exhausted.
+    retry_requested: bool = False
+    retry_exc: BaseException | None = None
+
+    def runtime_ms(self) -> float:
+        """Milliseconds since the body started."""
+        return round((time.monotonic() - self.started) * 1000, 3)
+
+
+class TrackedTask(Task):  # type: ignore[misc]
+    """Celery task base class that tracks every execution in MongoDB.
+
+    Use it per task (``@app.task(base=TrackedTask)``) or for the whole app
+    (``Celery(task_cls=TrackedTask)``) after ``celery_tasktracker.install(app)``.
+    Task code does not change: the class hooks ``apply_async``, ``retry`` and
+    ``__call__``.
+    """
+
+    #: Namespace of the taskId; ``None`` uses the task name.
+    tracking_namespace: ClassVar[str | None] = None
+
+    #: Names of the arguments that identify the work, in key order. ``None``
+    #: keys on a digest of all arguments.
+    tracking_key_args: ClassVar[Sequence[str] | None] = None
+
+    #: Callable receiving the task's arguments and returning the key parts (an
+    #: iterable of values, or one string). Takes precedence over
+    #: ``tracking_key_args``.
+    tracking_key_func: ClassVar[Callable[..., Any] | None] = None
+
+    #: Exception class paths mapped to error categories for this task,
+    #: checked before ``tasktracker_error_categories``.
+    tracking_error_categories: ClassVar[Mapping[str, str] | None] = None
+
+    #: Categories this task retries automatically; ``None`` uses
+    #: ``tasktracker_retry_categories``.
+    tracking_retry_categories: ClassVar[Sequence[str] | None] = None
+
+    #: ``"return_existing"`` or ``"raise"``; ``None`` uses
+    #: ``tasktracker_duplicate_policy``.
+    tracking_duplicate_policy: ClassVar[str | None] = None
+
+    #: False turns tracking off for this task: it behaves as a plain task.
+    tracking_enabled: ClassVar[bool] = True
+
+    # -- identity ---------------------------------------------------------
+
+    def is_tracking_enabled(self) -> bool:
+        """Return whether sends and executions of this task are tracked."""
+        return bool(self.tracking_enabled)
+
+    @property
+    def tracker(self) -> TaskTracker:
+        """The tracker installed on this task's app."""
+        return get_tracker(self.app)
+
+    def build_task_key(
+        self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None,
+    ) -> TaskKey:
+        """Return the taskId of a call with *args* and *kwargs*.
+
+        Arguments are bound to the task's signature with defaults filled in,
+        so equivalent calls give one taskId.
+
+        Raises:
+            TaskIdError: if the arguments do not fit the signature, a named key
+                argument does not exist, or a value has no canonical form.
+        """
+        namespace = self.tracking_namespace or self.name
+        bound = bind_arguments(self.run, args, kwargs)
+
+        if self.tracking_key_func is not None:
+            parts = self.tracking_key_func(*(args or ()), **(kwargs or {}))
+            if isinstance(parts, str | bytes) or not isinstance(parts, Iterable):
+                parts = (parts,)
+            rendered = tuple(render_part(part) for part in parts)
+            return TaskKey(join_task_id(namespace, rendered), rendered)
+
+        if self.tracking_key_args is not None:
+            missing = [name for name in self.tracking_key_args if name not in bound]
+            if missing:
+                raise TaskIdError(
+                    f"tracking_key_args of task {self.name!r} names {missing!r}, which "
+                    f"the signature does not have; its parameters are {list(bound)!r}"
+                )
+            rendered = tuple(render_part(bound[name]) for name in self.tracking_key_args)
+            return TaskKey(join_task_id(namespace, rendered), rendered)
+
+        return TaskKey(join_task_id(namespace, [canonical_digest(bound)[:32]]))
+
+    # -- send -------------------------------------------------------------
+
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """Send the task unless an equal one is active; see :class:`celery.Task`.
+
+        Extra options:
+            tasktracker_force (bool): send a new execution even when an equal
+                one is active. It does not take part in deduplication.
+        """
+        force = bool(options.pop("tasktracker_force", False))
+        headers = dict(options.get("headers") or {})
+        celery_task_id = task_id or uuid()
+        attempt = int(options.get("retries") or 0)
+        retrying = self._current_context_for_retry(celery_task_id, attempt)
+
+        # A message that already carries a tracking header (a DLQ replay
+        # prepared by the caller) is published as it is, but a retry copies
+        # the running request's header and must get a new one.
+        passthrough = HEADER in headers and retrying is None
+        if passthrough or not self.is_tracking_enabled() or self.app.conf.task_always_eager:
+            return super().apply_async(
+                args, kwargs, task_id=celery_task_id, producer=producer, link=link,
+                link_error=link_error, shadow=shadow, **options,
+            )
+
+        tracker = self.tracker
+        try:
+            key = self.build_task_key(args, kwargs)
+            if retrying is not None:
+                self._record_retried_attempt(tracker, retrying)
+            document = build_document(
+                key=key, task_name=self.name, celery_task_id=celery_task_id,
+                queue=self._route_queue(options, args, kwargs), attempt=attempt,
+                now=utcnow(), dedup_window=tracker.config.dedup_window,
+                not_before=_not_before(options),
+                holds_key=not (force or options.get("group_id")),
+                extra=_send_extra(force, retrying),
+            )
+            outcome = register_send(tracker, document)
+        except StoreUnavailableError as exc:
+            if tracker.config.store_unavailable != "send_untracked":
+                raise
+            logger.warning(
+                "tasktracker: sending %s (celery task id %s) untracked because the "
+                "store is unavailable: %s", self.name, celery_task_id, exc,
+            )
+            return super().apply_async(
+                args, kwargs, task_id=celery_task_id, producer=producer, link=link,
+                link_error=link_error, shadow=shadow, **options,
+            )
+
+        if outcome.is_duplicate:
+            return self._duplicate_result(key.task_id, outcome.existing)
+
+        headers[HEADER] = outcome.header
+        options["headers"] = headers
+        try:
+            return super().apply_async(
+                args, kwargs, task_id=celery_task_id, producer=producer, link=link,
+                link_error=link_error, shadow=shadow, **options,
+            )
+        except BaseException as exc:
+            self._release_unsent(tracker, outcome.header["executionId"], exc)
+            raise
+
+    def _route_queue(
+        self, options: Mapping[str, Any], args: Any, kwargs: Any,
+    ) -> str | None:
+        # The router resolves the queue the same way send_task will.
+        queue = options.get("queue")
+        if isinstance(queue, str):
+            return queue
+        if queue is not None:
+            return str(queue.name)
+        try:
+            routed = self.app.amqp.router.route(dict(options), self.name, args, kwargs)
+        except Exception:
+            return str(self.app.conf.task_default_queue)
+        destination = routed.get("queue")
+        return str(getattr(destination, "name", destination or self.app.conf.task_default_queue))
+
+    def _duplicate_result(self, task_id: str, existing: Mapping[str, Any] | None) -> AsyncResult:
+        existing = existing or {}
+        announce_duplicate(self, task_id, dict(existing))
+        policy = self.tracking_duplicate_policy or self.tracker.config.duplicate_policy
+        if policy == "raise":
+            raise DuplicateTaskError(
+                task_id, existing.get("executionId"), existing.get("celeryTaskId"),
+                existing.get("status"),
+            )
+        return self.AsyncResult(existing.get("celeryTaskId"))
+
+    def _release_unsent(self, tracker: TaskTracker, execution_id: str, exc: BaseException) -> None:
+        # The message never left: mark the record failed so it does not
+        # block the next send, then let the caller see the publish error.
+        try:
+            tracker.store.fail(execution_id, now=utcnow(), error={
+                **_error_fields(exc, "transient", tracker.config.traceback_max_length),
+                "errorMessage": f"publish failed: {exc}",
+            })
+        except StoreUnavailableError:
+            logger.exception(
+                "tasktracker: could not release unsent executionId=%s", execution_id,
+            )
+
+    # -- retry ------------------------------------------------------------
+
+    def retry(self, *args: Any, exc: BaseException | None = None, **kwargs: Any) -> Any:
+        """Retry the task as a new execution of the same taskId; see :class:`celery.Task`."""
+        context = getattr(self.request, _CONTEXT_ATTRIBUTE, None)
+        if context is not None:
+            context.retry_requested = True
+            context.retry_exc = exc
+        return super().retry(*args, exc=exc, **kwargs)
+
+    def _current_context_for_retry(
+        self, celery_task_id: str, attempt: int,
+    ) -> ExecutionContext | None:
+        # Task.retry() republishes with the running request's celery task id
+        # and retries + 1; any other send is a new logical send.
+        context = getattr(self.request, _CONTEXT_ATTRIBUTE, None)
+        if context is None or attempt <= 0 or context.celery_task_id != celery_task_id:
+            return None
+        return context  # type: ignore[no-any-return]
+
+    def _record_retried_attempt(self, tracker: TaskTracker, context: ExecutionContext) -> None:
+        exc = context.retry_exc
+        category = self._categorize(exc) if exc is not None else "unknown"
+        error = (_error_fields(exc, category, tracker.config.traceback_max_length)
+                 if exc is not None else {"errorCategory": category})
+        tracker.store.fail(
+            context.execution_id, now=utcnow(), error=error,
+            runtime_ms=context.runtime_ms(), extra={"willRetry": True},
+        )
+        logger.info(
+            "tasktracker: attempt %d of taskId=%s executionId=%s failed (%s); retrying",
+            context.attempt, context.task_id, context.execution_id, category,
+        )
+        signals.send_safely(
+            signals.execution_failed, self, task_id=context.task_id,
+            execution_id=context.execution_id, celery_task_id=context.celery_task_id,
+            category=category, exception=exc, will_retry=True,
+        )
+
+    # -- execution --------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if (request.called_directly or request.is_eager
+                or not self.is_tracking_enabled()):
+            return super().__call__(*args, **kwargs)
+
+        context = self._claim(request, args, kwargs)
+        setattr(request, _CONTEXT_ATTRIBUTE, context)
+        try:
+            result = super().__call__(*args, **kwargs)
+        except Retry:
+            raise
+        except Ignore:
+            self._record_success(context, None, ignored=True)
+            raise
+        except Reject as exc:
+            self._record_rejected(context, exc)
+            raise
+        except Exception as exc:
+            self._handle_failure(context, exc)
+            raise
+        self._record_success(context, result)
+        return result
+
+    def _claim(self, request: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> ExecutionContext:
+        tracker = self.tracker
+        header = getattr(request, "headers", None) or {}
+        header = header.get(HEADER) or getattr(request, HEADER, None) or {}
+        celery_task_id = request.id
+        holds_key = not request.group
+
+        if header.get("duplicateOf") is not None or (header and "executionId" not in header):
+            self._skip_delivery(header.get("taskId", "?"), header.get("duplicateOf"),
+                                celery_task_id, "deduplicated at publish", record=False)
+
+        now = utcnow()
+        lease_until = now + dt.timedelta(seconds=tracker.config.lease)
+        worker = {"hostname": request.hostname, "pid": os.getpid()}
+        execution_id = header.get("executionId")
+        if execution_id is None:
+            return self._adopt(request, args, kwargs, worker, now, lease_until)
+
+        reason = tracker.store.claim(
+            execution_id, worker=worker, now=now, lease_expires_at=lease_until,
+        )
+        if reason == {}:
+            # The record is gone (purged or expired): adopt the message under
+            # the executionId it carries.
+            return self._adopt(request, args, kwargs, worker, now, lease_until,
+                               execution_id=execution_id)
+        if reason is not None:
+            self._skip_delivery(header.get("taskId", reason.get("taskId")), execution_id,
+                                celery_task_id, _skip_reason(reason), record=True)
+
+        context = ExecutionContext(
+            task_id=header["taskId"], execution_id=execution_id,
+            celery_task_id=celery_task_id, attempt=int(header.get("attempt", request.retries)),
+            queue=(request.delivery_info or {}).get("routing_key"), holds_key=holds_key,
+        )
+        self._announce_claim(context, redelivered=bool(
+            (request.delivery_info or {}).get("redelivered")))
+        return context
+
+    def _adopt(
+        self,
+        request: Any,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        worker: Mapping[str, Any],
+        now: dt.datetime,
+        lease_until: dt.datetime,
+        execution_id: str | None = None,
+    ) -> ExecutionContext:
+        # A message from a producer without the extension: derive the taskId
+        # here and create the record already claimed.
+        tracker = self.tracker
+        store = tracker.store
+        existing = store.find_by_celery_id(request.id, attempt=request.retries)
+        if existing is not None and execution_id is None:
+            # A redelivery of a message adopted before.
+            reason = store.claim(existing["executionId"], worker=worker, now=now,
+                                 lease_expires_at=lease_until)
+            if reason is not None:
+                self._skip_delivery(existing["taskId"], existing["executionId"], request.id,
+                                    _skip_reason(reason or existing), record=True)
+            context = ExecutionContext(
+                task_id=existing["taskId"], execution_id=existing["executionId"],
+                celery_task_id=request.id, attempt=request.retries,
+                queue=existing.get("queue"), holds_key=bool(existing.get("active")),
+            )
+            self._announce_claim(context, redelivered=True)
+            return context
+
+        key = self.build_task_key(args, kwargs)
+        queue = (request.delivery_info or {}).get("routing_key")
+        document = build_document(
+            key=key, task_name=self.name, celery_task_id=request.id, queue=queue,
+            attempt=request.retries, now=now, dedup_window=tracker.config.dedup_window,
+            holds_key=not request.group, status=PROCESSING,
+            extra={"adopted": True, "worker": dict(worker), "startedAt": now,
+                   "leaseExpiresAt": lease_until},
+        )
+        if execution_id is not None:
+            document["executionId"] = execution_id
+        outcome = register_send(tracker, document)
+        if outcome.is_duplicate:
+            existing = outcome.existing or {}
+            self._skip_delivery(key.task_id, existing.get("executionId"), request.id,
+                                f"taskId is {existing.get('status', 'active')}", record=False)
+        context = ExecutionContext(
+            task_id=key.task_id, execution_id=document["executionId"],
+            celery_task_id=request.id, attempt=request.retries, queue=queue,
+            holds_key=not request.group,
+        )
+        self._announce_claim(context, redelivered=False)
+        return context
+
+    def _announce_claim(self, context: ExecutionContext, *, redelivered: bool) -> None:
+        logger.debug(
+            "tasktracker: claimed taskId=%s executionId=%s attempt=%d",
+            context.task_id, context.execution_id, context.attempt,
+        )
+        signals.send_safely(
+            signals.execution_claimed, self, task_id=context.task_id,
+            execution_id=context.execution_id, celery_task_id=context.celery_task_id,
+            attempt=context.attempt, redelivered=redelivered,
+        )
+
+    def _skip_delivery(
+        self, task_id: str, execution_id: str | None, celery_task_id: str, reason: str,
+        *, record: bool,
+    ) -> None:
+        """Record and announce a delivery that must not run, then raise ``Ignore``."""
+        if record and execution_id is not None:
+            try:
+                self.tracker.store.note_duplicate_delivery(execution_id, utcnow())
+            except StoreUnavailableError:
+                logger.exception(
+                    "tasktracker: could not record duplicate delivery of executionId=%s",
+                    execution_id,
+                )
+        logger.info(
+            "tasktracker: skipped delivery of taskId=%s executionId=%s (celery task id %s): "
+            "%s", task_id, execution_id, celery_task_id, reason,
+        )
+        signals.send_safely(
+            signals.duplicate_delivery_skipped, self, task_id=task_id,
+            execution_id=execution_id, celery_task_id=celery_task_id, reason=reason,
+        )
+        raise Ignore(f"tasktracker: duplicate delivery of {task_id}: {reason}")
+
+    def _record_success(self, context: ExecutionContext, result: Any, *, ignored: bool = False) -> None:
+        config = self.tracker.config
+        runtime_ms = context.runtime_ms()
+        summary = None if ignored else _summarize(result, config.result_max_length)
+        _write_outcome(
+            lambda: self.tracker.store.complete(
+                context.execution_id, now=utcnow(), runtime_ms=runtime_ms, result=summary,
+            ),
+            context, COMPLETED,
+        )
+        signals.send_safely(
+            signals.execution_completed, self, task_id=context.task_id,
+            execution_id=context.execution_id, celery_task_id=context.celery_task_id,
+            runtime_ms=runtime_ms, result=summary,
+        )
+
+    def _record_rejected(self, context: ExecutionContext, exc: Reject) -> None:
+        # A requeued message runs again as the same execution, so it goes back
+        # to queued; a rejected one is finished.
+        config = self.tracker.config
+        if exc.requeue:
+            self.tracker.store.collection.update_one(
+                {"executionId": context.execution_id, "status": PROCESSING},
+                {"$set": {"status": QUEUED, "updatedAt": utcnow()},
+                 "$unset": {"leaseExpiresAt": ""}},
+            )
+            return
+        self.tracker.store.fail(
+            context.execution_id, now=utcnow(), runtime_ms=context.runtime_ms(),
+            error=_error_fields(exc, "permanent", config.traceback_max_length),
+        )
+
+    def _categorize(self, exc: BaseException) -> str:
+        return categorize(
+            exc, task_categories=self.tracking_error_categories,
+            app_categories=self.tracker.config.error_categories,
+        )
+
+    def _handle_failure(self, context: ExecutionContext, exc: Exception) -> None:
+        """Retry *exc* if its category allows it, else dead-letter the task.
+
+        Returns only when the failure is final; the caller re-raises *exc*.
+        """
+        category = self._categorize(exc)
+        config = self.tracker.config
+        if context.retry_requested:
+            # retry() was called and still an exception escaped: Celery
+            # re-raises the original error once max_retries is reached.
+            reason = "retries_exhausted"
+        else:
+            retry_categories = self.tracking_retry_categories or config.retry_categories
+            if category not in retry_categories:
+                reason = "not_retryable"
+            elif self.max_retries is not None and self.request.retries >= self.max_retries:
+                reason = "retries_exhausted"
+            else:
+                raise self.retry(exc=exc, countdown=self._retry_countdown())
+
+        signals.send_safely(
+            signals.execution_failed, self, task_id=context.task_id,
+            execution_id=context.execution_id, celery_task_id=context.celery_task_id,
+            category=category, exception=exc, will_retry=False,
+        )
+        error = _error_fields(exc, category, config.traceback_max_length)
+        if not config.dlq_enabled:
+            _write_outcome(
+                lambda: self.tracker.store.fail(
+                    context.execution_id, now=utcnow(), error=error,
+                    runtime_ms=context.runtime_ms(), extra={"failureReason": reason},
+                ),
+                context, FAILED,
+            )
+            return
+        dead_letter(self, context, error=error, reason=reason)
+
+    def _retry_countdown(self) -> float:
+        # The same attributes that Celery's autoretry_for reads.
+        backoff = getattr(self, "retry_backoff", False)
+        if backoff:
+            return float(get_exponential_backoff_interval(
+                factor=int(backoff), retries=self.request.retries,
+                maximum=getattr(self, "retry_backoff_max", 600),
+                full_jitter=getattr(self, "retry_jitter", True),
+            ))
+        return float(self.default_retry_delay)
+
+
+def _send_extra(force: bool, retrying: ExecutionContext | None) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if force:
+        extra["forced"] = True
+    if retrying is not None:
+        extra["retryOf"] = retrying.execution_id
+    return extra
+
+
+def _not_before(options: Mapping[str, Any]) -> dt.datetime | None:
+    eta = options.get("eta")
+    if isinstance(eta, dt.datetime):
+        return eta if eta.tzinfo else eta.replace(tzinfo=dt.timezone.utc)
+    countdown = options.get("countdown")
+    if isinstance(countdown, int | float) and countdown > 0:
+        return utcnow() + dt.timedelta(seconds=countdown)
+    return None
+
+
+def _skip_reason(record: Mapping[str, Any]) -> str:
+    if record.get("superseded"):
+        return "superseded by a newer execution"
+    status = record.get("status")
+    if status == PROCESSING:
+        return "already running with a live lease"
+    if status == COMPLETED:
+        return "already completed"
+    return f"execution is {status or 'unknown'}"
+
+
+def _summarize(result: Any, max_length: int) -> str | None:
+    if result is None:
+        return None
+    text = repr(result)
+    if len(text) > max_length:
+        return text[: max_length - 3] + "..."
+    return text
+
+
+def _error_fields(exc: BaseException, category: str, max_traceback: int) -> dict[str, Any]:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if len(text) > max_traceback:
+        text = "..." + text[-(max_traceback - 3):]
+    cls = type(exc)
+    return {
+        "errorCategory": category,
+        "errorType": f"{cls.__module__}.{cls.__qualname__}",
+        "errorMessage": str(exc)[:1000],
+        "traceback": text,
+    }
+
+
+def _write_outcome(write: Callable[[], bool], context: ExecutionContext, status: str) -> None:
+    # The body already ran, so a lost outcome write must not make it run
+    # again: retry the write a few times, then log and carry on.
+    for attempt in range(1, _OUTCOME_WRITE_ATTEMPTS + 1):
+        try:
+            if not write():
+                logger.warning(
+                    "tasktracker: executionId=%s of taskId=%s was no longer processing "
+                    "when recording %s", context.execution_id, context.task_id, status,
+                )
+            return
+        except StoreUnavailableError as exc:
+            if attempt == _OUTCOME_WRITE_ATTEMPTS:
+                logger.error(
+                    "tasktracker: could not record %s for taskId=%s executionId=%s: %s",
+                    status, context.task_id, context.execution_id, exc,
+                )
+                return
+            time.sleep(0.5 * attempt)

@@ -1,0 +1,136 @@
+"""Helpers for tests and demos: a throwaway MongoDB-compatible server.
+
+The server is SecantusDB's ``secantusd-py`` command (``pip install
+secantusdb``), started as a separate process on 127.0.0.1 with in-memory
+storage. It is never imported, only run, so it stays a test-only
+dependency.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from types import TracebackType
+
+import pymongo
+from pymongo.errors import PyMongoError
+
+__all__ = ["MongoTestServer", "free_port"]
+
+#: Environment variable naming a MongoDB server to use instead of starting one.
+MONGODB_URI_VARIABLE = "TASKTRACKER_TEST_MONGODB_URI"
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _server_command() -> list[str]:
+    found = shutil.which("secantusd-py")
+    if found is None:
+        candidate = os.path.join(os.path.dirname(sys.executable), "secantusd-py")
+        if os.path.exists(candidate):
+            found = candidate
+    if found is None:
+        raise RuntimeError(
+            "secantusd-py was not found: install the test server with "
+            "`pip install secantusdb==0.7.0b3` (or `pip install -e '.[test]'`), or set "
+            f"{MONGODB_URI_VARIABLE} to the URI of a running MongoDB server"
+        )
+    return [found]
+
+
+class MongoTestServer:
+    """A MongoDB-compatible server for one test session or demo run.
+
+    Uses the server named by ``TASKTRACKER_TEST_MONGODB_URI`` when that is
+    set; otherwise starts ``secantusd-py`` on a free port and stops it on
+    exit. The server log goes to a temporary file shown in start-up errors.
+    """
+
+    def __init__(self, *, startup_timeout: float = 30.0) -> None:
+        self.startup_timeout = startup_timeout
+        self.uri = os.environ.get(MONGODB_URI_VARIABLE, "")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port: int | None = None
+        self._log_path: str | None = None
+
+    def start(self) -> str:
+        """Start the server unless one is configured; return its URI."""
+        if self.uri:
+            self._wait_ready()
+            return self.uri
+        self.port = free_port()
+        log = tempfile.NamedTemporaryFile(
+            prefix="secantusd-", suffix=".log", delete=False,
+        )
+        self._log_path = log.name
+        self.process = subprocess.Popen(
+            [*_server_command(), "--host", "127.0.0.1", "--port", str(self.port),
+             "--storage-path", ":memory:", "--standalone", "--log-level", "WARNING"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        self.uri = f"mongodb://127.0.0.1:{self.port}"
+        self._wait_ready()
+        return self.uri
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                break
+            try:
+                with pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=500) as client:
+                    client.admin.command("ping")
+                return
+            except PyMongoError as exc:
+                last_error = exc
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(
+            f"MongoDB test server at {self.uri} did not answer within "
+            f"{self.startup_timeout:.0f} s ({last_error}); server log: {self.log_text()}"
+        )
+
+    def log_text(self) -> str:
+        """Return the end of the server log, or an empty string."""
+        if not self._log_path or not os.path.exists(self._log_path):
+            return ""
+        with open(self._log_path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()[-2000:]
+
+    def stop(self) -> None:
+        """Stop the server if this object started it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.process = None
+        if self._log_path and os.path.exists(self._log_path):
+            os.unlink(self._log_path)
+            self._log_path = None
+
+    def __enter__(self) -> MongoTestServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
