@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from celery.utils.log import get_logger
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from . import signals
 from .exceptions import StoreUnavailableError
@@ -23,7 +23,10 @@ logger = get_logger(__name__)
 
 def dlq_queue(name: str) -> Queue:
     """Return the durable DLQ queue *name*, bound to a direct exchange of that name."""
-    return Queue(name, Exchange(name, type="direct"), routing_key=name, durable=True)
+    exchange = Exchange(name, type="direct")  # type: ignore[no-untyped-call]
+    return Queue(  # type: ignore[no-untyped-call]
+        name, exchange, routing_key=name, durable=True,
+    )
 
 
 def dead_letter(

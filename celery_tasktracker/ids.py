@@ -95,7 +95,7 @@ def validate_task_id(value: object) -> str:
 def _escape(text: str) -> str:
     # Percent-encode the escape character itself, the separator and
     # whitespace, so a part never contains the separator.
-    out = []
+    out: list[str] = []
     for char in text:
         if char in "%:~" or char.isspace() or not char.isprintable():
             out.extend(f"%{byte:02X}" for byte in char.encode("utf-8"))

@@ -71,5 +71,6 @@ def send_safely(signal: Signal, sender: Any, **kwargs: Any) -> None:
         except Exception:
             logger.exception(
                 "tasktracker: receiver %r of signal %r raised for taskId=%s executionId=%s",
-                receiver, signal.name, kwargs.get("task_id"), kwargs.get("execution_id"),
+                receiver, getattr(signal, "name", signal), kwargs.get("task_id"),
+                kwargs.get("execution_id"),
             )

@@ -126,8 +126,11 @@ class TrackedTask(Task):  # type: ignore[misc]
         namespace = self.tracking_namespace or self.name
         bound = bind_arguments(self.run, args, kwargs)
 
-        if self.tracking_key_func is not None:
-            parts = self.tracking_key_func(*(args or ()), **(kwargs or {}))
+        # Read from the class: a function stored as a class attribute would
+        # otherwise be bound to the task like a method.
+        key_func = type(self).tracking_key_func
+        if key_func is not None:
+            parts = key_func(*(args or ()), **(kwargs or {}))
             if isinstance(parts, str | bytes) or not isinstance(parts, Iterable):
                 parts = (parts,)
             rendered = tuple(render_part(part) for part in parts)
@@ -325,7 +328,9 @@ class TrackedTask(Task):  # type: ignore[misc]
         self._record_success(context, result)
         return result
 
-    def _claim(self, request: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> ExecutionContext:
+    def _claim(
+        self, request: Any, args: Sequence[Any], kwargs: Mapping[str, Any],
+    ) -> ExecutionContext:
         tracker = self.tracker
         header = getattr(request, "headers", None) or {}
         header = header.get(HEADER) or getattr(request, HEADER, None) or {}
@@ -352,7 +357,7 @@ class TrackedTask(Task):  # type: ignore[misc]
             return self._adopt(request, args, kwargs, worker, now, lease_until,
                                execution_id=execution_id)
         if reason is not None:
-            self._skip_delivery(header.get("taskId", reason.get("taskId")), execution_id,
+            self._skip_delivery(str(header.get("taskId") or reason.get("taskId")), execution_id,
                                 celery_task_id, _skip_reason(reason), record=True)
 
         context = ExecutionContext(
@@ -452,7 +457,9 @@ class TrackedTask(Task):  # type: ignore[misc]
         )
         raise Ignore(f"tasktracker: duplicate delivery of {task_id}: {reason}")
 
-    def _record_success(self, context: ExecutionContext, result: Any, *, ignored: bool = False) -> None:
+    def _record_success(
+        self, context: ExecutionContext, result: Any, *, ignored: bool = False,
+    ) -> None:
         config = self.tracker.config
         runtime_ms = context.runtime_ms()
         summary = None if ignored else _summarize(result, config.result_max_length)

@@ -69,16 +69,15 @@ class MongoTestServer:
             self._wait_ready()
             return self.uri
         self.port = free_port()
-        log = tempfile.NamedTemporaryFile(
+        with tempfile.NamedTemporaryFile(
             prefix="secantusd-", suffix=".log", delete=False,
-        )
-        self._log_path = log.name
-        self.process = subprocess.Popen(
-            [*_server_command(), "--host", "127.0.0.1", "--port", str(self.port),
-             "--storage-path", ":memory:", "--standalone", "--log-level", "WARNING"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-        log.close()
+        ) as log:
+            self._log_path = log.name
+            self.process = subprocess.Popen(
+                [*_server_command(), "--host", "127.0.0.1", "--port", str(self.port),
+                 "--storage-path", ":memory:", "--standalone", "--log-level", "WARNING"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
         self.uri = f"mongodb://127.0.0.1:{self.port}"
         self._wait_ready()
         return self.uri
@@ -90,6 +89,7 @@ class MongoTestServer:
             if self.process is not None and self.process.poll() is not None:
                 break
             try:
+                client: pymongo.MongoClient[dict[str, object]]
                 with pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=500) as client:
                     client.admin.command("ping")
                 return

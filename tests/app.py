@@ -11,8 +11,7 @@ import time
 from typing import Any
 
 import pymongo
-from celery import Celery, chord, group
-from celery.exceptions import Reject
+from celery import Celery
 
 import celery_tasktracker
 from celery_tasktracker import TrackedTask
@@ -68,7 +67,7 @@ def _note_run(task: Any, key: str, **extra: Any) -> None:
 
 
 def _register_tasks(app: Celery) -> None:
-    @app.task(base=TrackedTask, bind=True, name="tests.notify")
+    @app.task(shared=False, base=TrackedTask, bind=True, name="tests.notify")
     def notify(self: TrackedTask, user_id: Any, channel: str = "email",
                seconds: float = 0.0) -> str:
         _note_run(self, f"notify:{user_id}:{channel}",
@@ -77,7 +76,7 @@ def _register_tasks(app: Celery) -> None:
         time.sleep(seconds)
         return f"sent {channel} to {user_id}"
 
-    @app.task(base=TrackedTask, bind=True, name="tests.flaky", max_retries=3,
+    @app.task(shared=False, base=TrackedTask, bind=True, name="tests.flaky", max_retries=3,
               default_retry_delay=0.2)
     def flaky(self: TrackedTask, key: str, failures: int) -> str:
         _note_run(self, key)
@@ -85,7 +84,16 @@ def _register_tasks(app: Celery) -> None:
             raise TransientPartnerError(f"partner API unavailable for {key}")
         return f"done {key}"
 
-    @app.task(base=TrackedTask, bind=True, name="tests.explicit_retry", max_retries=2)
+    @app.task(shared=False, base=TrackedTask, bind=True, name="tests.backoff",
+              max_retries=2, default_retry_delay=4)
+    def backoff(self: TrackedTask, key: str) -> str:
+        _note_run(self, key)
+        if self.request.retries == 0:
+            raise TransientPartnerError(f"partner API unavailable for {key}")
+        return f"done {key}"
+
+    @app.task(shared=False, base=TrackedTask, bind=True, name="tests.explicit_retry",
+              max_retries=2)
     def explicit_retry(self: TrackedTask, key: str) -> None:
         _note_run(self, key)
         try:
@@ -93,7 +101,8 @@ def _register_tasks(app: Celery) -> None:
         except LookupError as exc:
             raise self.retry(exc=exc, countdown=0.2) from exc
 
-    @app.task(base=TrackedTask, bind=True, name="tests.per_call_retry", max_retries=5)
+    @app.task(shared=False, base=TrackedTask, bind=True, name="tests.per_call_retry",
+              max_retries=5)
     def per_call_retry(self: TrackedTask, key: str) -> None:
         _note_run(self, key)
         try:
@@ -101,35 +110,29 @@ def _register_tasks(app: Celery) -> None:
         except LookupError as exc:
             raise self.retry(exc=exc, countdown=0.2, max_retries=1) from exc
 
-    @app.task(base=TrackedTask, bind=True, name="tests.auto_retry",
+    @app.task(shared=False, base=TrackedTask, bind=True, name="tests.auto_retry",
               autoretry_for=(KeyError,), retry_kwargs={"max_retries": 2, "countdown": 0.2})
     def auto_retry(self: TrackedTask, key: str) -> None:
         _note_run(self, key)
         raise KeyError(key)
 
-    @app.task(base=TrackedTask, bind=True, name="tests.reject_input")
+    @app.task(shared=False, base=TrackedTask, bind=True, name="tests.reject_input")
     def reject_input(self: TrackedTask, key: str, payload: dict[str, Any]) -> None:
         _note_run(self, key)
         raise ValueError(f"invalid payload for {key}: {payload!r}")
 
-    @app.task(base=TrackedTask, bind=True, name="tests.double")
+    @app.task(shared=False, base=TrackedTask, bind=True, name="tests.double")
     def double(self: TrackedTask, key: str, value: int) -> int:
         _note_run(self, key)
         return value * 2
 
-    @app.task(base=TrackedTask, bind=True, name="tests.total")
+    @app.task(shared=False, base=TrackedTask, bind=True, name="tests.total")
     def total(self: TrackedTask, values: list[int], key: str) -> int:
         _note_run(self, key, values=values)
         return sum(values)
 
-    @app.task(bind=True, name="tests.plain")
+    @app.task(shared=False, bind=True, name="tests.plain")
     def plain(self: Any, key: str) -> str:
         _note_run(self, key)
         return key
 
-    @app.task(base=TrackedTask, bind=True, name="tests.requeue_once")
-    def requeue_once(self: TrackedTask, key: str) -> None:
-        _note_run(self, key)
-        raise Reject("not now", requeue=False)
-
-    _ = (chord, group)

@@ -64,9 +64,11 @@ class WorkerProcess:
         pool: str = "prefork",
         concurrency: int = 2,
         result_backend: str | None = None,
+        extra_queues: tuple[str, ...] = (),
         extra_args: tuple[str, ...] = (),
     ) -> None:
         self.name = name
+        self.private_queue = f"{queue}.{name}"
         self.env = {
             **os.environ,
             "TT_BROKER_URL": broker_url,
@@ -78,11 +80,14 @@ class WorkerProcess:
         }
         self.args = [
             sys.executable, "-m", "celery", "-A", "tests.worker_app", "worker",
-            "-P", pool, "-c", str(concurrency), "-Q", queue, "-n", f"{name}@%h",
+            "-P", pool, "-c", str(concurrency),
+            "-Q", ",".join([queue, self.private_queue, *extra_queues]), "-n", f"{name}@%h",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "--loglevel", "INFO", *extra_args,
         ]
-        self.log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in close()
+            prefix=f"{name}-", suffix=".log", delete=False,
+        )
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> WorkerProcess:

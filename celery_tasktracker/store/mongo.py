@@ -326,7 +326,9 @@ class MongoStore:
             {"taskId": task_id, "active": True}, {"_id": 0},
         ))
 
-    def find_by_celery_id(self, celery_task_id: str, attempt: int | None = None) -> Document | None:
+    def find_by_celery_id(
+        self, celery_task_id: str, attempt: int | None = None,
+    ) -> Document | None:
         """Return the latest execution sent with *celery_task_id*, or None."""
         query: dict[str, Any] = {"celeryTaskId": celery_task_id}
         if attempt is not None:
