@@ -149,6 +149,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Publish finally failed tasks to the dead-letter queue.", _bool),
     Setting("dlq_suffix", ".dlq", "str",
             "Suffix appended to the source queue name to form the DLQ name.", _string),
+    Setting("dlq_in_task_queues", False, "bool",
+            "Add every DLQ to the app's task queues so tools that list task_queues show "
+            "them; workers still consume a DLQ only when named with -Q.", _bool),
     Setting("result_max_length", 200, "int (characters)",
             "Longest result summary stored on a completed execution.", _positive_int),
     Setting("traceback_max_length", 4000, "int (characters)",
@@ -195,6 +198,7 @@ class TrackerConfig:
     error_categories: dict[str, str]
     dlq_enabled: bool
     dlq_suffix: str
+    dlq_in_task_queues: bool
     result_max_length: int
     traceback_max_length: int
     retention: float

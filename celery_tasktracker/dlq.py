@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from celery.utils.log import get_logger
 from kombu.entity import Exchange, Queue
 
-from . import signals
+from . import monitoring, signals
 from .exceptions import StoreUnavailableError
 from .publish import HEADER, HEADER_VERSION
 from .store.base import DLQ, utcnow
@@ -83,6 +83,7 @@ def dead_letter(
         })
         return None
 
+    monitoring.count("dead_lettered")
     _record(task, context, error, status=DLQ, extra={
         "dlqReason": reason, "dlqQueue": dlq_name, "sourceQueue": source,
     })

@@ -115,7 +115,28 @@ def install(app: Celery) -> TaskTracker:
         _on_worker_init, sender=None, weak=False, dispatch_uid=f"{uid}:worker_init",
     )
     install_worker_components(app)
+    if app.finalized:
+        _add_dlq_queues(app)
+    else:
+        app.on_after_finalize.connect(_add_dlq_queues, sender=app, weak=False)
     return tracker
+
+
+def _add_dlq_queues(sender: Celery, **kwargs: Any) -> None:
+    # Queues added after Celery built its queue map are not in the default
+    # consume set, so a worker started without -Q still skips the DLQs.
+    from .dlq import dlq_queue
+
+    app = sender
+    tracker = get_tracker(app)
+    if not tracker.config.dlq_in_task_queues:
+        return
+    queues = app.amqp.queues
+    suffix = tracker.config.dlq_suffix
+    for name in [name for name in list(queues) if not name.endswith(suffix)]:
+        if tracker.dlq_name(name) not in queues:
+            queues.add(dlq_queue(tracker.dlq_name(name)))
+    app.conf.task_queues = list(queues.values())
 
 
 def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:

@@ -17,7 +17,7 @@ from celery.utils import uuid
 from celery.utils.log import get_logger
 from celery.utils.time import get_exponential_backoff_interval
 
-from . import signals
+from . import monitoring, signals
 from .categories import categorize
 from .dlq import dead_letter
 from .exceptions import DuplicateTaskError, StoreUnavailableError, TaskIdError
@@ -284,6 +284,8 @@ class TrackedTask(Task):  # type: ignore[misc]
         return context  # type: ignore[no-any-return]
 
     def _record_retried_attempt(self, tracker: TaskTracker, context: ExecutionContext) -> None:
+        monitoring.count("failed")
+        monitoring.count("retried")
         exc = context.retry_exc
         category = self._categorize(exc) if exc is not None else "unknown"
         error = (_error_fields(exc, category, tracker.config.traceback_max_length)
@@ -424,6 +426,7 @@ class TrackedTask(Task):  # type: ignore[misc]
         return context
 
     def _announce_claim(self, context: ExecutionContext, *, redelivered: bool) -> None:
+        monitoring.count("claimed")
         logger.debug(
             "tasktracker: claimed taskId=%s executionId=%s attempt=%d",
             context.task_id, context.execution_id, context.attempt,
@@ -439,6 +442,7 @@ class TrackedTask(Task):  # type: ignore[misc]
         *, record: bool,
     ) -> None:
         """Record and announce a delivery that must not run, then raise ``Ignore``."""
+        monitoring.count("skipped_duplicates")
         if record and execution_id is not None:
             try:
                 self.tracker.store.note_duplicate_delivery(execution_id, utcnow())
@@ -463,6 +467,7 @@ class TrackedTask(Task):  # type: ignore[misc]
         config = self.tracker.config
         runtime_ms = context.runtime_ms()
         summary = None if ignored else _summarize(result, config.result_max_length)
+        monitoring.count("completed")
         _write_outcome(
             lambda: self.tracker.store.complete(
                 context.execution_id, now=utcnow(), runtime_ms=runtime_ms, result=summary,
@@ -517,6 +522,7 @@ class TrackedTask(Task):  # type: ignore[misc]
             else:
                 raise self.retry(exc=exc, countdown=self._retry_countdown())
 
+        monitoring.count("failed")
         signals.send_safely(
             signals.execution_failed, self, task_id=context.task_id,
             execution_id=context.execution_id, celery_task_id=context.celery_task_id,

@@ -66,6 +66,7 @@ class WorkerProcess:
         result_backend: str | None = None,
         extra_queues: tuple[str, ...] = (),
         extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.private_queue = f"{queue}.{name}"
@@ -77,6 +78,7 @@ class WorkerProcess:
             "TT_QUEUE": queue,
             "TT_RESULT_BACKEND": result_backend or "",
             "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            **(env or {}),
         }
         self.args = [
             sys.executable, "-m", "celery", "-A", "tests.worker_app", "worker",

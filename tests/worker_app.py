@@ -13,3 +13,12 @@ app = make_app(
     queue=os.environ["TT_QUEUE"],
     result_backend=os.environ.get("TT_RESULT_BACKEND") or None,
 )
+
+if os.environ.get("TT_FAULTY_RECEIVER"):
+    from celery_tasktracker import signals
+
+    def _faulty_receiver(sender: object, **kwargs: object) -> None:
+        raise RuntimeError("faulty receiver for taskId=" + str(kwargs.get("task_id")))
+
+    for _signal in (signals.execution_claimed, signals.execution_completed):
+        _signal.connect(_faulty_receiver, weak=False)
