@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from celery.exceptions import Reject
 from celery.utils.log import get_logger
 from kombu.entity import Exchange, Queue
 
@@ -72,20 +73,26 @@ def dead_letter(
             headers={HEADER: header},
         )
     except Exception as exc:
-        # NOTE: the body already ran and failed; with the default early ack
-        # the message is gone, so the record is what is left of the task.
         logger.exception(
             "tasktracker: could not publish taskId=%s executionId=%s to %s",
             context.task_id, context.execution_id, dlq_name,
         )
+        # Keep the arguments on the record so the task is never "failed and
+        # nowhere", and with late acks hand the message back: its next
+        # delivery publishes to the DLQ again without running the body.
         _record(task, context, error, status="failed", extra={
             "failureReason": reason, "dlqError": f"{type(exc).__name__}: {exc}",
+            "dlqPending": True, "dlqQueue": dlq_name, "sourceQueue": source,
+            "pendingArgs": list(request.args or ()),
+            "pendingKwargs": dict(request.kwargs or {}),
         })
+        if task.acks_late:
+            raise Reject(f"tasktracker: DLQ publish failed: {exc}", requeue=True) from exc
         return None
 
     monitoring.count("dead_lettered")
     _record(task, context, error, status=DLQ, extra={
-        "dlqReason": reason, "dlqQueue": dlq_name, "sourceQueue": source,
+        "dlqPending": False, "dlqReason": reason, "dlqQueue": dlq_name, "sourceQueue": source,
     })
     logger.warning(
         "tasktracker: dead-lettered taskId=%s executionId=%s to %s after %d attempt(s): "

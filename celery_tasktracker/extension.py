@@ -111,6 +111,11 @@ def install(app: Celery) -> TaskTracker:
     signals.before_task_publish.connect(
         track_publish, weak=False, dispatch_uid=f"{uid}:publish",
     )
+    from .worker import on_task_revoked
+
+    signals.task_revoked.connect(
+        on_task_revoked, weak=False, dispatch_uid=f"{uid}:revoked",
+    )
     signals.worker_init.connect(
         _on_worker_init, sender=None, weak=False, dispatch_uid=f"{uid}:worker_init",
     )

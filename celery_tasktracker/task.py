@@ -39,8 +39,12 @@ logger = get_logger(__name__)
 #: Request attribute that holds the running execution's context.
 _CONTEXT_ATTRIBUTE = "tasktracker_execution"
 
-#: Times an outcome write is tried before the error is logged and dropped.
-_OUTCOME_WRITE_ATTEMPTS = 3
+#: Times an outcome write is tried before the error is logged and dropped;
+#: with the growing pause between tries this spans about 30 seconds.
+_OUTCOME_WRITE_ATTEMPTS = 8
+
+#: Seconds before a message whose claim found the store unreachable is tried again.
+STORE_RETRY_DELAY = 5.0
 
 
 @dataclasses.dataclass
@@ -99,6 +103,10 @@ class TrackedTask(Task):  # type: ignore[misc]
 
     #: False turns tracking off for this task: it behaves as a plain task.
     tracking_enabled: ClassVar[bool] = True
+
+    #: The worker's request class: it expires the lease of an execution
+    #: whose pool process died and records hard time limits.
+    Request = "celery_tasktracker.worker:TrackedRequest"
 
     # -- identity ---------------------------------------------------------
 
@@ -333,43 +341,95 @@ class TrackedTask(Task):  # type: ignore[misc]
     def _claim(
         self, request: Any, args: Sequence[Any], kwargs: Mapping[str, Any],
     ) -> ExecutionContext:
+        """Claim the execution of this delivery, or raise ``Ignore`` to skip it."""
         tracker = self.tracker
-        header = getattr(request, "headers", None) or {}
-        header = header.get(HEADER) or getattr(request, HEADER, None) or {}
-        celery_task_id = request.id
-        holds_key = not request.group
-
-        if header.get("duplicateOf") is not None or (header and "executionId" not in header):
-            self._skip_delivery(header.get("taskId", "?"), header.get("duplicateOf"),
-                                celery_task_id, "deduplicated at publish", record=False)
+        headers = getattr(request, "headers", None) or {}
+        header = headers.get(HEADER) or getattr(request, HEADER, None) or {}
+        if header.get("duplicateOf") is not None:
+            self._skip_delivery(str(header.get("taskId")), header["duplicateOf"], request.id,
+                                "deduplicated at publish", record=False)
 
         now = utcnow()
         lease_until = now + dt.timedelta(seconds=tracker.config.lease)
         worker = {"hostname": request.hostname, "pid": os.getpid()}
         execution_id = header.get("executionId")
-        if execution_id is None:
-            return self._adopt(request, args, kwargs, worker, now, lease_until)
+        try:
+            if execution_id is None:
+                return self._adopt(request, args, kwargs, worker, now, lease_until)
+            claim = tracker.store.claim(
+                execution_id, worker=worker, now=now, lease_expires_at=lease_until,
+            )
+            if claim.record == {}:
+                # The record is gone (purged or expired): adopt the message
+                # under the executionId it carries.
+                return self._adopt(request, args, kwargs, worker, now, lease_until,
+                                   execution_id=execution_id)
+        except StoreUnavailableError as exc:
+            # Nothing ran yet: put the message back for later, never lose it.
+            self._defer(request, STORE_RETRY_DELAY, f"tracking store unavailable: {exc}")
 
-        reason = tracker.store.claim(
-            execution_id, worker=worker, now=now, lease_expires_at=lease_until,
-        )
-        if reason == {}:
-            # The record is gone (purged or expired): adopt the message under
-            # the executionId it carries.
-            return self._adopt(request, args, kwargs, worker, now, lease_until,
-                               execution_id=execution_id)
-        if reason is not None:
-            self._skip_delivery(str(header.get("taskId") or reason.get("taskId")), execution_id,
-                                celery_task_id, _skip_reason(reason), record=True)
-
+        if not claim.claimed:
+            self._skip_or_defer(request, str(header.get("taskId")), str(execution_id),
+                                claim.record or {})
         context = ExecutionContext(
-            task_id=header["taskId"], execution_id=execution_id,
-            celery_task_id=celery_task_id, attempt=int(header.get("attempt", request.retries)),
-            queue=(request.delivery_info or {}).get("routing_key"), holds_key=holds_key,
+            task_id=header["taskId"], execution_id=str(claim.execution_id),
+            celery_task_id=request.id, attempt=int(header.get("attempt", request.retries)),
+            queue=(request.delivery_info or {}).get("routing_key"),
+            holds_key=not request.group,
         )
-        self._announce_claim(context, redelivered=bool(
-            (request.delivery_info or {}).get("redelivered")))
+        self._announce_claim(context, redelivered=claim.redelivered)
         return context
+
+    def _skip_or_defer(
+        self, request: Any, task_id: str, execution_id: str, record: Mapping[str, Any],
+    ) -> None:
+        # A broker redelivery whose execution still holds a live lease may
+        # come from a worker that just died: try again once the lease could
+        # have lapsed. Any other blocked delivery is a duplicate.
+        redelivered = bool((request.delivery_info or {}).get("redelivered"))
+        lease = record.get("leaseExpiresAt")
+        if redelivered and record.get("status") == PROCESSING and lease is not None:
+            wait = max(1.0, (lease - utcnow()).total_seconds() + 1.0)
+            self._defer(request, wait, "redelivered while its execution holds a live lease")
+        if record.get("dlqPending"):
+            self._retry_dead_letter(request, record)
+        self._skip_delivery(task_id or str(record.get("taskId")), execution_id, request.id,
+                            _skip_reason(record), record=True)
+
+    def _defer(self, request: Any, countdown: float, reason: str) -> None:
+        """Publish this message again after *countdown* seconds, then raise ``Ignore``."""
+        headers = dict(getattr(request, "headers", None) or {})
+        if HEADER not in headers:
+            headers[HEADER] = {"v": 1, "adopt": True}
+        signature = self.signature_from_request(request, request.args, request.kwargs)
+        try:
+            signature.apply_async(countdown=countdown, headers=headers)
+        except Exception as exc:
+            # With late acks the broker still holds this delivery: hand it
+            # back instead of losing it.
+            logger.error(
+                "tasktracker: could not defer %s (celery task id %s): %s",
+                self.name, request.id, exc,
+            )
+            raise Reject(f"tasktracker: could not defer: {exc}", requeue=True) from exc
+        logger.warning(
+            "tasktracker: deferred %s (celery task id %s) by %.1f s: %s",
+            self.name, request.id, countdown, reason,
+        )
+        raise Ignore(f"tasktracker: deferred: {reason}")
+
+    def _retry_dead_letter(self, request: Any, record: Mapping[str, Any]) -> None:
+        # The body already ran and failed, but its DLQ publish failed: publish
+        # again without running the body.
+        context = ExecutionContext(
+            task_id=record["taskId"], execution_id=record["executionId"],
+            celery_task_id=request.id, attempt=int(record.get("attempt", 0)),
+            queue=record.get("queue"), holds_key=False,
+        )
+        error = {key: record.get(key) for key in
+                 ("errorCategory", "errorType", "errorMessage", "traceback")}
+        dead_letter(self, context, error=error, reason=str(record.get("failureReason")))
+        raise Ignore("tasktracker: dead-lettered a task whose DLQ publish had failed")
 
     def _adopt(
         self,
@@ -388,13 +448,13 @@ class TrackedTask(Task):  # type: ignore[misc]
         existing = store.find_by_celery_id(request.id, attempt=request.retries)
         if existing is not None and execution_id is None:
             # A redelivery of a message adopted before.
-            reason = store.claim(existing["executionId"], worker=worker, now=now,
-                                 lease_expires_at=lease_until)
-            if reason is not None:
-                self._skip_delivery(existing["taskId"], existing["executionId"], request.id,
-                                    _skip_reason(reason or existing), record=True)
+            claim = store.claim(existing["executionId"], worker=worker, now=now,
+                                lease_expires_at=lease_until)
+            if not claim.claimed:
+                self._skip_or_defer(request, existing["taskId"], existing["executionId"],
+                                    claim.record or existing)
             context = ExecutionContext(
-                task_id=existing["taskId"], execution_id=existing["executionId"],
+                task_id=existing["taskId"], execution_id=str(claim.execution_id),
                 celery_task_id=request.id, attempt=request.retries,
                 queue=existing.get("queue"), holds_key=bool(existing.get("active")),
             )
@@ -520,7 +580,8 @@ class TrackedTask(Task):  # type: ignore[misc]
             elif self.max_retries is not None and self.request.retries >= self.max_retries:
                 reason = "retries_exhausted"
             else:
-                raise self.retry(exc=exc, countdown=self._retry_countdown())
+                self._retry_by_category(context, exc)
+                reason = "retry_publish_failed"
 
         monitoring.count("failed")
         signals.send_safely(
@@ -539,6 +600,20 @@ class TrackedTask(Task):  # type: ignore[misc]
             )
             return
         dead_letter(self, context, error=error, reason=reason)
+
+    def _retry_by_category(self, context: ExecutionContext, exc: Exception) -> None:
+        """Raise ``Retry``; return only when publishing the retry failed."""
+        try:
+            raise self.retry(exc=exc, countdown=self._retry_countdown())
+        except Retry:
+            raise
+        except Exception as publish_error:
+            if publish_error is exc:
+                raise
+            logger.error(
+                "tasktracker: could not publish the retry of taskId=%s executionId=%s: %s",
+                context.task_id, context.execution_id, publish_error,
+            )
 
     def _retry_countdown(self) -> float:
         # The same attributes that Celery's autoretry_for reads.
@@ -622,4 +697,4 @@ def _write_outcome(write: Callable[[], bool], context: ExecutionContext, status:
                     status, context.task_id, context.execution_id, exc,
                 )
                 return
-            time.sleep(0.5 * attempt)
+            time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))

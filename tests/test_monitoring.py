@@ -79,6 +79,9 @@ def test_inspect_active_lists_running_execution(
     assert rows[0]["attempt"] == 0
     assert rows[0]["leaseExpiresAt"] is not None
     assert rows[0]["startedAt"] is not None
+    # Let the task finish so later tests see an idle worker.
+    wait_for(lambda: store.find_by_celery_id(result.id)["status"] == "completed",
+             message="the task to complete")
 
 
 def test_inspect_counters_count_claims_and_skips(

@@ -12,6 +12,7 @@ from celery_tasktracker.config import TrackerConfig
 from celery_tasktracker.publish import TaskKey, build_document
 from celery_tasktracker.store import MongoStore
 from celery_tasktracker.store.base import utcnow
+from celery_tasktracker.store.mongo import LEASE_LAPSED, Claim
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def new_document(task_id: str = "ns:a", **kwargs: object) -> dict:
     )
 
 
-def claim(store: MongoStore, execution_id: str, lease: float = 30) -> dict | None:
+def claim(store: MongoStore, execution_id: str, lease: float = 30) -> Claim:
     now = utcnow()
     return store.claim(execution_id, worker={"hostname": "w", "pid": 1}, now=now,
                        lease_expires_at=now + dt.timedelta(seconds=lease))
@@ -74,7 +75,7 @@ def test_claim_succeeds_once_among_threads(store: MongoStore) -> None:
     document = new_document()
     store.insert(document)
     store.ensure_indexes()
-    results: list[dict | None] = []
+    results: list[Claim] = []
     barrier = threading.Barrier(8)
 
     def contend() -> None:
@@ -87,7 +88,8 @@ def test_claim_succeeds_once_among_threads(store: MongoStore) -> None:
     for thread in threads:
         thread.join(timeout=30)
 
-    assert results.count(None) == 1
+    assert [r.execution_id for r in results].count(document["executionId"]) == 1
+    assert sum(r.claimed for r in results) == 1
     assert len(results) == 8
 
 
@@ -96,19 +98,45 @@ def test_claim_rejected_while_lease_alive(store: MongoStore) -> None:
     store.insert(document)
     claim(store, document["executionId"])
 
-    reason = claim(store, document["executionId"])
+    second = claim(store, document["executionId"])
 
-    assert reason is not None
-    assert reason["status"] == "processing"
+    assert second.claimed is False
+    assert second.record["status"] == "processing"
 
 
-def test_claim_after_lease_lapsed_marks_redelivery(store: MongoStore) -> None:
+def test_claim_after_lease_lapsed_starts_new_execution(store: MongoStore) -> None:
     document = new_document()
     store.insert(document)
     claim(store, document["executionId"], lease=-1)
 
-    assert claim(store, document["executionId"]) is None
-    assert store.get(document["executionId"])["redelivered"] is True
+    taken = claim(store, document["executionId"])
+
+    lapsed = store.get(document["executionId"])
+    successor = store.get(taken.execution_id)
+    assert taken.claimed is True
+    assert taken.redelivered is True
+    assert taken.execution_id != document["executionId"]
+    assert lapsed["status"] == "failed"
+    assert lapsed["errorType"] == LEASE_LAPSED
+    assert lapsed["redeliveredAs"] == taken.execution_id
+    assert successor["status"] == "processing"
+    assert successor["redelivered"] is True
+    assert successor["redeliveryOf"] == document["executionId"]
+    assert successor["attempt"] == document["attempt"]
+    assert successor["active"] is True
+
+
+def test_claim_follows_redelivery_link(store: MongoStore) -> None:
+    document = new_document()
+    store.insert(document)
+    claim(store, document["executionId"], lease=-1)
+    first = claim(store, document["executionId"], lease=30)
+
+    again = claim(store, document["executionId"])
+
+    assert again.claimed is False
+    assert again.record["executionId"] == first.execution_id
+    assert again.record["status"] == "processing"
 
 
 def test_completed_execution_never_reclaimed(store: MongoStore) -> None:
@@ -119,12 +147,12 @@ def test_completed_execution_never_reclaimed(store: MongoStore) -> None:
 
     reason = claim(store, document["executionId"])
 
-    assert reason is not None
-    assert reason["status"] == "completed"
+    assert reason.claimed is False
+    assert reason.record["status"] == "completed"
 
 
 def test_claim_of_unknown_execution_returns_empty(store: MongoStore) -> None:
-    assert claim(store, "00000000-0000-4000-8000-000000000000") == {}
+    assert claim(store, "00000000-0000-4000-8000-000000000000").record == {}
 
 
 def test_stale_queued_record_superseded(store: MongoStore) -> None:
@@ -135,7 +163,7 @@ def test_stale_queued_record_superseded(store: MongoStore) -> None:
     assert store.note_deduplicated("ns:a", later) is None
     assert store.supersede_if_stale(store.find_active("ns:a"), later) is True
     assert store.insert(new_document()) is True
-    assert claim(store, document["executionId"])["superseded"] is True
+    assert claim(store, document["executionId"]).record["superseded"] is True
 
 
 def test_live_record_not_superseded(store: MongoStore) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import threading
@@ -15,9 +16,10 @@ from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from ..config import TrackerConfig
 from ..exceptions import StoreUnavailableError
+from ..ids import new_execution_id
 from .base import ARCHIVED, COMPLETED, DLQ, FAILED, PROCESSING, QUEUED
 
-__all__ = ["MongoStore"]
+__all__ = ["Claim", "MongoStore"]
 
 logger = get_logger(__name__)
 
@@ -27,6 +29,32 @@ Document = dict[str, Any]
 
 #: Name of the unique partial index that makes an insert the dedup check.
 DEDUP_INDEX = "taskId_active_unique"
+
+#: errorType recorded on an execution whose worker stopped renewing its lease.
+LEASE_LAPSED = "celery_tasktracker.LeaseLapsed"
+
+#: Redelivery links followed by one claim before giving up.
+_MAX_REDELIVERY_HOPS = 5
+
+#: Fields a redelivered execution copies from the lapsed one.
+_INHERITED = ("taskId", "celeryTaskId", "taskName", "queue", "attempt", "keyParts",
+              "retryOf", "replayOf", "adopted", "forced", "groupId")
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """Outcome of :meth:`MongoStore.claim`."""
+
+    #: The execution now held by the caller, or None when the claim failed.
+    execution_id: str | None
+    #: The record that blocked the claim; ``{}`` when no record exists.
+    record: Document | None = None
+    #: True when the caller took over from a lapsed lease.
+    redelivered: bool = False
+
+    @property
+    def claimed(self) -> bool:
+        return self.execution_id is not None
 
 
 def _index_models(retention: float) -> list[pymongo.IndexModel]:
@@ -211,39 +239,81 @@ class MongoStore:
         worker: Mapping[str, Any],
         now: dt.datetime,
         lease_expires_at: dt.datetime,
-    ) -> Document | None:
-        """Move a queued execution, or one whose lease lapsed, to processing.
+    ) -> Claim:
+        """Move a queued execution to processing, or take over a lapsed one.
 
-        Returns ``None`` when the claim succeeded and the reason document
-        (the current record, or ``{}`` when there is none) when it failed.
-        Exactly one of several concurrent claimants succeeds.
+        Exactly one of several concurrent claimants succeeds. The common case
+        is one conditional update. When the execution is processing and its
+        lease has lapsed (its worker died), the lapsed attempt is closed as
+        ``failed`` and a new execution of the same taskId and attempt number
+        takes over, marked as a redelivery; later deliveries of the same
+        message follow ``redeliveredAs`` to it.
         """
         update = {
-            "$set": {
-                "status": PROCESSING,
-                "worker": dict(worker),
-                "startedAt": now,
-                "updatedAt": now,
-                "leaseExpiresAt": lease_expires_at,
-            },
+            "status": PROCESSING,
+            "worker": dict(worker),
+            "startedAt": now,
+            "updatedAt": now,
+            "leaseExpiresAt": lease_expires_at,
         }
         queued = self._run("claim", lambda: self.collection.update_one(
             {"executionId": execution_id, "status": QUEUED, "superseded": {"$ne": True}},
-            update,
+            {"$set": update},
         ))
         if queued.matched_count:
+            return Claim(execution_id)
+
+        current = execution_id
+        record: Document | None = None
+        for _ in range(_MAX_REDELIVERY_HOPS):
+            record = self.get(current)
+            if record is None:
+                return Claim(None, {})
+            lapsed = (record.get("status") == PROCESSING and not record.get("superseded")
+                      and record.get("leaseExpiresAt", now) < now)
+            if lapsed:
+                taken = self._take_over(record, update, now)
+                if taken is not None:
+                    return taken
+                continue
+            if record.get("redeliveredAs"):
+                current = record["redeliveredAs"]
+                continue
+            return Claim(None, record)
+        return Claim(None, record or {})
+
+    def _take_over(
+        self, record: Document, update: Mapping[str, Any], now: dt.datetime,
+    ) -> Claim | None:
+        # Returns None when another claimant retired the record first, so the
+        # caller reads it again and follows redeliveredAs.
+        new_id = new_execution_id()
+        retired = self._run("retire_lapsed", lambda: self.collection.update_one(
+            {"executionId": record["executionId"], "status": PROCESSING,
+             "leaseExpiresAt": {"$lt": now}},
+            {"$set": {"status": FAILED, "active": False, "completedAt": now, "updatedAt": now,
+                      "errorCategory": "transient", "errorType": LEASE_LAPSED,
+                      "errorMessage": "the worker stopped renewing the lease (lost or "
+                                      f"killed); redelivered as executionId {new_id}",
+                      "redeliveredAs": new_id},
+             "$unset": {"leaseExpiresAt": ""}},
+        ))
+        if not retired.matched_count:
             return None
 
-        # The slow path: a redelivery after the first claimant's lease lapsed.
-        lapsed_update = {**update, "$set": {**update["$set"], "redelivered": True}}
-        lapsed = self._run("claim_lapsed", lambda: self.collection.update_one(
-            {"executionId": execution_id, "status": PROCESSING,
-             "leaseExpiresAt": {"$lt": now}, "superseded": {"$ne": True}},
-            lapsed_update,
-        ))
-        if lapsed.matched_count:
-            return None
-        return self.get(execution_id) or {}
+        successor = {key: record[key] for key in _INHERITED if key in record}
+        successor.update(update)
+        successor.update({
+            "executionId": new_id, "createdAt": now, "redelivered": True,
+            "redeliveryOf": record["executionId"],
+            "active": bool(record.get("active")),
+            "dedupExpiresAt": now + dt.timedelta(seconds=self.config.dedup_window),
+        })
+        if not self.insert(successor):
+            # The dedup key was taken between the two writes by a new send,
+            # which will do the work.
+            return Claim(None, self.find_active(record["taskId"]) or record)
+        return Claim(new_id, None, redelivered=True)
 
     def note_duplicate_delivery(self, execution_id: str, now: dt.datetime) -> None:
         """Count a delivery that was skipped because its execution cannot be claimed."""

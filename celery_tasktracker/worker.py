@@ -1,0 +1,100 @@
+"""Worker main-process hooks: lost pool processes, hard time limits, revokes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from billiard.einfo import ExceptionWithTraceback
+from billiard.exceptions import WorkerLostError
+from celery.utils.log import get_logger
+from celery.worker.request import Request
+
+from .store.base import FAILED, PROCESSING, QUEUED, utcnow
+
+__all__ = ["TrackedRequest", "on_task_revoked"]
+
+logger = get_logger(__name__)
+
+
+def _store_of(request: Any) -> Any:
+    from .extension import get_tracker
+
+    return get_tracker(request.task.app).store
+
+
+def _close_execution(request: Any, *, statuses: tuple[str, ...], fields: dict[str, Any],
+                     what: str) -> None:
+    # Runs in the worker's main process, so it must never raise into Celery.
+    now = utcnow()
+    try:
+        _store_of(request).collection.update_many(
+            {"celeryTaskId": request.id, "status": {"$in": list(statuses)}},
+            {"$set": {"updatedAt": now, **fields}, "$unset": {"leaseExpiresAt": ""}},
+        )
+    except Exception as exc:
+        logger.warning(
+            "tasktracker: could not record %s of %s (celery task id %s): %s",
+            what, request.name, request.id, exc,
+        )
+
+
+def _expire_lease(request: Any) -> None:
+    # The pool process died: let the redelivery, or stuck detection, take the
+    # execution over now instead of after the lease runs out.
+    now = utcnow()
+    try:
+        _store_of(request).collection.update_many(
+            {"celeryTaskId": request.id, "status": PROCESSING},
+            {"$set": {"leaseExpiresAt": now - dt.timedelta(milliseconds=1),
+                      "updatedAt": now, "workerLost": True}},
+        )
+    except Exception as exc:
+        logger.warning(
+            "tasktracker: could not expire the lease of %s (celery task id %s): %s",
+            request.name, request.id, exc,
+        )
+
+
+class TrackedRequest(Request):  # type: ignore[misc]
+    """Worker request of tracked tasks; runs in the worker's main process."""
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True,
+                   return_ok: bool = False) -> Any:
+        exc = exc_info.exception
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
+        if isinstance(exc, WorkerLostError):
+            _expire_lease(self)
+        return super().on_failure(exc_info, send_failed_event=send_failed_event,
+                                  return_ok=return_ok)
+
+    def on_timeout(self, soft: bool, timeout: float) -> Any:
+        result = super().on_timeout(soft, timeout)
+        if not soft:
+            # The pool process is killed, so the task's own hooks never run:
+            # record the timeout and release the dedup key here.
+            now = utcnow()
+            _close_execution(self, statuses=(PROCESSING,), what="the hard time limit", fields={
+                "status": FAILED, "active": False, "completedAt": now,
+                "errorCategory": "timeout",
+                "errorType": "billiard.exceptions.TimeLimitExceeded",
+                "errorMessage": f"hard time limit ({timeout} s) exceeded",
+            })
+        return result
+
+
+def on_task_revoked(sender: Any = None, request: Any = None, terminated: bool = False,
+                    expired: bool = False, **kwargs: Any) -> None:
+    """Release the dedup key of a revoked or expired tracked task at once."""
+    from .task import TrackedTask
+
+    if request is None or not isinstance(getattr(request, "task", None), TrackedTask):
+        return
+    reason = "expired" if expired else ("terminated" if terminated else "revoked")
+    now = utcnow()
+    _close_execution(request, statuses=(QUEUED, PROCESSING), what="the revoke", fields={
+        "status": FAILED, "active": False, "completedAt": now, "revoked": True,
+        "errorCategory": "permanent", "errorType": "celery.exceptions.TaskRevokedError",
+        "errorMessage": f"task {reason}",
+    })
