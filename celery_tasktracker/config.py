@@ -19,6 +19,7 @@ __all__ = [
 ]
 
 DUPLICATE_POLICIES = ("return_existing", "raise")
+MODES = ("enforce", "observe")
 STORE_UNAVAILABLE_POLICIES = ("raise", "send_untracked")
 BUILTIN_CATEGORIES = ("transient", "timeout", "validation", "permanent", "unknown")
 
@@ -99,6 +100,14 @@ def _categories(value: Any) -> tuple[str, ...]:
     return tuple(_string(item).lower() for item in value)
 
 
+def _optional_names(value: Any) -> frozenset[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, list | tuple | set | frozenset):
+        raise ValueError("expected None (all) or a list of names such as ['billing', 'sync']")
+    return frozenset(_string(item) for item in value)
+
+
 def _category_map(value: Any) -> dict[str, str]:
     if not isinstance(value, Mapping):
         raise ValueError(
@@ -119,6 +128,18 @@ def _category_map(value: Any) -> dict[str, str]:
 SETTINGS: tuple[Setting, ...] = (
     Setting("mongodb_uri", None, "str", "MongoDB connection URI of the tracking store.",
             _mongodb_uri, required=True),
+    Setting("enabled", True, "bool",
+            "False turns tracking off for the whole app: tracked tasks behave as plain "
+            "Celery tasks and make no store round trip.", _bool),
+    Setting("mode", "enforce", "str",
+            "'enforce' rejects duplicate sends and skips duplicate deliveries; 'observe' "
+            "records what enforce would do but publishes and runs everything.",
+            _choice(MODES)),
+    Setting("queues", None, "list of str or None",
+            "Queues whose tasks are tracked; None tracks every queue.", _optional_names),
+    Setting("tasks", None, "list of str or None",
+            "Names of the tasks that are tracked; None tracks every task with the "
+            "tracked base class.", _optional_names),
     Setting("database", None, "str or None",
             "Database name; None uses the database in the URI, else 'celery_tasktracker'.",
             _optional_string),
@@ -187,6 +208,10 @@ class TrackerConfig:
     """Validated ``tasktracker_*`` settings of one Celery app."""
 
     mongodb_uri: str
+    enabled: bool
+    mode: str
+    queues: frozenset[str] | None
+    tasks: frozenset[str] | None
     database: str | None
     collection: str
     mongodb_timeout: float
@@ -230,6 +255,14 @@ class TrackerConfig:
                 ) from exc
         _check_unknown(conf)
         return cls(**values)
+
+    def tracks(self, task_name: str, queue: str | None) -> bool:
+        """Return whether sends and executions of *task_name* on *queue* are tracked."""
+        if not self.enabled:
+            return False
+        if self.tasks is not None and task_name not in self.tasks:
+            return False
+        return self.queues is None or queue in self.queues
 
     @property
     def renewal_interval(self) -> float:

@@ -51,7 +51,13 @@ class SendOutcome:
 
     @property
     def is_duplicate(self) -> bool:
+        """True when the send must not be published."""
         return self.document is None
+
+    @property
+    def would_deduplicate(self) -> bool:
+        """True when observe mode published a send that enforce mode would reject."""
+        return self.document is not None and self.existing is not None
 
     @property
     def header(self) -> dict[str, Any]:
@@ -108,24 +114,36 @@ def build_document(
     return document
 
 
-def register_send(tracker: TaskTracker, document: Document) -> SendOutcome:
+def register_send(
+    tracker: TaskTracker, document: Document, *, observe: bool = False,
+) -> SendOutcome:
     """Insert *document* unless another execution of its taskId is active.
 
     The insert is the dedup check: the unique partial index on active records
     rejects a second active execution of the same taskId atomically. A record
     that no longer blocks (queued past its dedup window, or processing with a
     lapsed lease) is superseded and the insert tried again.
+
+    With *observe*, a duplicate is counted as ``wouldDeduplicateSends`` on the
+    active execution and *document* is inserted anyway, without the dedup
+    key; the outcome then has both a document and the existing execution.
     """
     store = tracker.store
     task_id = document["taskId"]
+    counter = "wouldDeduplicateSends" if observe else "deduplicatedSends"
     for _ in range(_INSERT_ATTEMPTS):
         if store.insert(document):
             return SendOutcome(document=document, existing=None)
 
         now = utcnow()
-        existing = store.note_deduplicated(task_id, now)
+        existing = store.note_deduplicated(task_id, now, counter=counter)
         if existing is not None:
-            return SendOutcome(document=None, existing=existing)
+            if not observe:
+                return SendOutcome(document=None, existing=existing)
+            document.update(active=False, wouldDeduplicate=True,
+                            observedDuplicateOf=existing.get("executionId"))
+            store.insert(document)
+            return SendOutcome(document=document, existing=existing)
 
         # The holder is stale or finished after the insert: release a stale
         # one and try again.
@@ -138,15 +156,23 @@ def register_send(tracker: TaskTracker, document: Document) -> SendOutcome:
     return SendOutcome(document=None, existing=store.find_active(task_id))
 
 
-def announce_duplicate(sender: Any, task_id: str, existing: Document | None) -> None:
-    """Log a rejected send and send the ``task_deduplicated`` signal."""
+def announce_duplicate(
+    sender: Any, task_id: str, existing: Document | None, *, observed: bool = False,
+) -> None:
+    """Log a rejected send and send the ``task_deduplicated`` signal.
+
+    *observed* marks a send that observe mode published although enforce
+    mode would have rejected it; it is logged but sends no signal.
+    """
     existing = existing or {}
     logger.info(
-        "tasktracker: deduplicated send of taskId=%s: executionId=%s is %s "
-        "(celery task id %s)",
+        "tasktracker: %s send of taskId=%s: executionId=%s is %s (celery task id %s)",
+        "observe mode would deduplicate" if observed else "deduplicated",
         task_id, existing.get("executionId"), existing.get("status"),
         existing.get("celeryTaskId"),
     )
+    if observed:
+        return
     signals.send_safely(
         signals.task_deduplicated, sender,
         task_id=task_id, execution_id=existing.get("executionId"),
@@ -179,11 +205,12 @@ def on_before_task_publish(
     from .task import TrackedTask
 
     task = app.tasks.get(headers.get("task") or sender or "")
-    if not isinstance(task, TrackedTask) or not task.is_tracking_enabled():
+    if not isinstance(task, TrackedTask) or not task.is_tracking_enabled(routing_key):
         return
     args, call_kwargs = _body_arguments(body)
     try:
         tracker = get_tracker(app)
+        observe = task.tracking_mode_in_effect() == "observe"
         key = task.build_task_key(args, call_kwargs)
         document = build_document(
             key=key, task_name=task.name, celery_task_id=headers["id"],
@@ -191,7 +218,7 @@ def on_before_task_publish(
             dedup_window=tracker.config.dedup_window,
             holds_key=not headers.get("group"), extra={"sentBy": "publish_hook"},
         )
-        outcome = register_send(tracker, document)
+        outcome = register_send(tracker, document, observe=observe)
     except TaskTrackerError as exc:
         logger.warning(
             "tasktracker: could not track the publish of %s (celery task id %s); the "
@@ -207,6 +234,8 @@ def on_before_task_publish(
         }
         announce_duplicate(task, key.task_id, existing)
         return
+    if outcome.would_deduplicate:
+        announce_duplicate(task, key.task_id, outcome.existing, observed=True)
     headers[HEADER] = outcome.header
 
 

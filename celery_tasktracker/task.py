@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from celery import Task
-from celery.exceptions import Ignore, Reject, Retry
+from celery.exceptions import Ignore, ImproperlyConfigured, Reject, Retry
 from celery.result import AsyncResult
 from celery.utils import uuid
 from celery.utils.log import get_logger
@@ -19,6 +19,7 @@ from celery.utils.time import get_exponential_backoff_interval
 
 from . import monitoring, signals
 from .categories import categorize
+from .config import MODES
 from .dlq import dead_letter
 from .exceptions import DuplicateTaskError, StoreUnavailableError, TaskIdError
 from .extension import TaskTracker, get_tracker
@@ -45,6 +46,17 @@ _OUTCOME_WRITE_ATTEMPTS = 8
 
 #: Seconds before a message whose claim found the store unreachable is tried again.
 STORE_RETRY_DELAY = 5.0
+
+
+class _ObservedBlock(Exception):
+    """Observe mode reached a point where enforce mode would skip or defer."""
+
+    def __init__(self, task_id: str | None, execution_id: str | None, reason: str,
+                 *, untracked: bool = False) -> None:
+        super().__init__(reason)
+        self.task_id = task_id
+        self.execution_id = execution_id
+        self.untracked = untracked
 
 
 @dataclasses.dataclass
@@ -104,15 +116,34 @@ class TrackedTask(Task):  # type: ignore[misc]
     #: False turns tracking off for this task: it behaves as a plain task.
     tracking_enabled: ClassVar[bool] = True
 
+    #: ``"enforce"`` or ``"observe"``; ``None`` uses ``tasktracker_mode``.
+    tracking_mode: ClassVar[str | None] = None
+
     #: The worker's request class: it expires the lease of an execution
     #: whose pool process died and records hard time limits.
     Request = "celery_tasktracker.worker:TrackedRequest"
 
     # -- identity ---------------------------------------------------------
 
-    def is_tracking_enabled(self) -> bool:
-        """Return whether sends and executions of this task are tracked."""
-        return bool(self.tracking_enabled)
+    def is_tracking_enabled(self, queue: str | None = None) -> bool:
+        """Return whether sends and executions of this task on *queue* are tracked.
+
+        Reads only the task attribute and the cached settings, so an untracked
+        task costs no store round trip.
+        """
+        if not self.tracking_enabled:
+            return False
+        return self.tracker.config.tracks(self.name, queue)
+
+    def tracking_mode_in_effect(self) -> str:
+        """Return ``"enforce"`` or ``"observe"`` for this task."""
+        mode = self.tracking_mode or self.tracker.config.mode
+        if mode not in MODES:
+            raise ImproperlyConfigured(
+                f"invalid tracking_mode {mode!r} on task {self.name!r}: expected one of "
+                + ", ".join(repr(m) for m in MODES)
+            )
+        return mode
 
     @property
     def tracker(self) -> TaskTracker:
@@ -185,28 +216,32 @@ class TrackedTask(Task):  # type: ignore[misc]
         # prepared by the caller) is published as it is, but a retry copies
         # the running request's header and must get a new one.
         passthrough = HEADER in headers and retrying is None
-        if passthrough or not self.is_tracking_enabled() or self.app.conf.task_always_eager:
+        queue = None
+        if not (passthrough or not self.tracking_enabled or self.app.conf.task_always_eager):
+            queue = self._route_queue(options, args, kwargs)
+        if queue is None or not self.is_tracking_enabled(queue):
             return super().apply_async(
                 args, kwargs, task_id=celery_task_id, producer=producer, link=link,
                 link_error=link_error, shadow=shadow, **options,
             )
 
         tracker = self.tracker
+        observe = self.tracking_mode_in_effect() == "observe"
         try:
             key = self.build_task_key(args, kwargs)
             if retrying is not None:
                 self._record_retried_attempt(tracker, retrying)
             document = build_document(
                 key=key, task_name=self.name, celery_task_id=celery_task_id,
-                queue=self._route_queue(options, args, kwargs), attempt=attempt,
+                queue=queue, attempt=attempt,
                 now=utcnow(), dedup_window=tracker.config.dedup_window,
                 not_before=_not_before(options),
                 holds_key=not (force or options.get("group_id")),
                 extra=_send_extra(force, retrying),
             )
-            outcome = register_send(tracker, document)
+            outcome = register_send(tracker, document, observe=observe)
         except StoreUnavailableError as exc:
-            if tracker.config.store_unavailable != "send_untracked":
+            if tracker.config.store_unavailable != "send_untracked" and not observe:
                 raise
             logger.warning(
                 "tasktracker: sending %s (celery task id %s) untracked because the "
@@ -219,6 +254,8 @@ class TrackedTask(Task):  # type: ignore[misc]
 
         if outcome.is_duplicate:
             return self._duplicate_result(key.task_id, outcome.existing)
+        if outcome.would_deduplicate:
+            announce_duplicate(self, key.task_id, outcome.existing, observed=True)
 
         headers[HEADER] = outcome.header
         options["headers"] = headers
@@ -233,7 +270,7 @@ class TrackedTask(Task):  # type: ignore[misc]
 
     def _route_queue(
         self, options: Mapping[str, Any], args: Any, kwargs: Any,
-    ) -> str | None:
+    ) -> str:
         # The router resolves the queue the same way send_task will.
         queue = options.get("queue")
         if isinstance(queue, str):
@@ -316,11 +353,17 @@ class TrackedTask(Task):  # type: ignore[misc]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
-        if (request.called_directly or request.is_eager
-                or not self.is_tracking_enabled()):
+        if (request.called_directly or request.is_eager or not self.tracking_enabled
+                or not self.is_tracking_enabled(
+                    (request.delivery_info or {}).get("routing_key"))):
             return super().__call__(*args, **kwargs)
 
-        context = self._claim(request, args, kwargs)
+        try:
+            context = self._claim(request, args, kwargs)
+        except _ObservedBlock as blocked:
+            if blocked.untracked:
+                return super().__call__(*args, **kwargs)
+            context = self._observe_blocked(request, args, kwargs, blocked)
         setattr(request, _CONTEXT_ATTRIBUTE, context)
         try:
             result = super().__call__(*args, **kwargs)
@@ -397,7 +440,18 @@ class TrackedTask(Task):  # type: ignore[misc]
                             _skip_reason(record), record=True)
 
     def _defer(self, request: Any, countdown: float, reason: str) -> None:
-        """Publish this message again after *countdown* seconds, then raise ``Ignore``."""
+        """Publish this message again after *countdown* seconds, then raise ``Ignore``.
+
+        Observe mode never holds a message back: it runs the body now, tracked
+        as a would-be skip, or untracked when the store is unreachable.
+        """
+        if self.tracking_mode_in_effect() == "observe":
+            header = (getattr(request, "headers", None) or {}).get(HEADER) or {}
+            store_down = countdown == STORE_RETRY_DELAY
+            logger.info("tasktracker: observe mode runs %s (celery task id %s) that enforce "
+                        "mode would defer: %s", self.name, request.id, reason)
+            raise _ObservedBlock(header.get("taskId"), header.get("executionId"), reason,
+                                 untracked=store_down)
         headers = dict(getattr(request, "headers", None) or {})
         if HEADER not in headers:
             headers[HEADER] = {"v": 1, "adopt": True}
@@ -472,7 +526,8 @@ class TrackedTask(Task):  # type: ignore[misc]
         )
         if execution_id is not None:
             document["executionId"] = execution_id
-        outcome = register_send(tracker, document)
+        outcome = register_send(tracker, document,
+                                observe=self.tracking_mode_in_effect() == "observe")
         if outcome.is_duplicate:
             existing = outcome.existing or {}
             self._skip_delivery(key.task_id, existing.get("executionId"), request.id,
@@ -481,6 +536,35 @@ class TrackedTask(Task):  # type: ignore[misc]
             task_id=key.task_id, execution_id=document["executionId"],
             celery_task_id=request.id, attempt=request.retries, queue=queue,
             holds_key=not request.group,
+        )
+        self._announce_claim(context, redelivered=False)
+        return context
+
+    def _observe_blocked(
+        self, request: Any, args: Sequence[Any], kwargs: Mapping[str, Any],
+        blocked: _ObservedBlock,
+    ) -> ExecutionContext:
+        # Observe mode: run the delivery enforce mode would skip, as its own
+        # execution that holds no dedup key.
+        tracker = self.tracker
+        now = utcnow()
+        key = (TaskKey(blocked.task_id) if blocked.task_id and blocked.task_id != "None"
+               else self.build_task_key(args, kwargs))
+        document = build_document(
+            key=key, task_name=self.name, celery_task_id=request.id,
+            queue=(request.delivery_info or {}).get("routing_key"), attempt=request.retries,
+            now=now, dedup_window=tracker.config.dedup_window, holds_key=False,
+            status=PROCESSING,
+            extra={"wouldSkip": True, "observedSkipOf": blocked.execution_id,
+                   "worker": {"hostname": request.hostname, "pid": os.getpid()},
+                   "startedAt": now,
+                   "leaseExpiresAt": now + dt.timedelta(seconds=tracker.config.lease)},
+        )
+        tracker.store.insert(document)
+        context = ExecutionContext(
+            task_id=key.task_id, execution_id=document["executionId"],
+            celery_task_id=request.id, attempt=request.retries, queue=document["queue"],
+            holds_key=False,
         )
         self._announce_claim(context, redelivered=False)
         return context
@@ -501,16 +585,30 @@ class TrackedTask(Task):  # type: ignore[misc]
         self, task_id: str, execution_id: str | None, celery_task_id: str, reason: str,
         *, record: bool,
     ) -> None:
-        """Record and announce a delivery that must not run, then raise ``Ignore``."""
-        monitoring.count("skipped_duplicates")
-        if record and execution_id is not None:
+        """Record and announce a delivery that must not run, then raise ``Ignore``.
+
+        Observe mode counts it as a would-be skip and raises ``_ObservedBlock``
+        so the body runs anyway.
+        """
+        observe = self.tracking_mode_in_effect() == "observe"
+        if not observe:
+            monitoring.count("skipped_duplicates")
+        if (record or observe) and execution_id is not None:
+            counter = "wouldSkipDeliveries" if observe else "duplicateDeliveries"
             try:
-                self.tracker.store.note_duplicate_delivery(execution_id, utcnow())
+                self.tracker.store.note_duplicate_delivery(execution_id, utcnow(),
+                                                           counter=counter)
             except StoreUnavailableError:
                 logger.exception(
                     "tasktracker: could not record duplicate delivery of executionId=%s",
                     execution_id,
                 )
+        if observe:
+            logger.info(
+                "tasktracker: observe mode would skip delivery of taskId=%s executionId=%s "
+                "(celery task id %s): %s", task_id, execution_id, celery_task_id, reason,
+            )
+            raise _ObservedBlock(task_id, execution_id, reason)
         logger.info(
             "tasktracker: skipped delivery of taskId=%s executionId=%s (celery task id %s): "
             "%s", task_id, execution_id, celery_task_id, reason,

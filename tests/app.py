@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import pymongo
-from celery import Celery
+from celery import Celery, Task
 
 import celery_tasktracker
 from celery_tasktracker import TrackedTask
@@ -30,6 +30,8 @@ def make_app(
     database: str,
     queue: str,
     result_backend: str | None = None,
+    extra_conf: dict[str, Any] | None = None,
+    tracked: bool = True,
 ) -> Celery:
     """Build the test app; every name that tests share is a parameter."""
     app = Celery("tests.app", broker=broker_url, backend=result_backend,
@@ -45,8 +47,10 @@ def make_app(
         worker_hijack_root_logger=False,
         broker_transport_options={"visibility_timeout": 3600},
     )
-    celery_tasktracker.install(app)
-    _register_tasks(app)
+    app.conf.update(extra_conf or {})
+    if tracked:
+        celery_tasktracker.install(app)
+    _register_tasks(app, TrackedTask if tracked else Task)
     return app
 
 
@@ -66,17 +70,19 @@ def _note_run(task: Any, key: str, **extra: Any) -> None:
     })
 
 
-def _register_tasks(app: Celery) -> None:
-    @app.task(shared=False, base=TrackedTask, bind=True, name="tests.notify")
+def _register_tasks(app: Celery, base: type[Task]) -> None:
+    @app.task(shared=False, base=base, bind=True, name="tests.notify")
     def notify(self: TrackedTask, user_id: Any, channel: str = "email",
                seconds: float = 0.0) -> str:
-        _note_run(self, f"notify:{user_id}:{channel}",
-                  workerTaskId=self.build_task_key(self.request.args,
-                                                   self.request.kwargs).task_id)
+        worker_task_id = None
+        if isinstance(self, TrackedTask):
+            worker_task_id = self.build_task_key(self.request.args,
+                                                 self.request.kwargs).task_id
+        _note_run(self, f"notify:{user_id}:{channel}", workerTaskId=worker_task_id)
         time.sleep(seconds)
         return f"sent {channel} to {user_id}"
 
-    @app.task(shared=False, base=TrackedTask, bind=True, name="tests.flaky", max_retries=3,
+    @app.task(shared=False, base=base, bind=True, name="tests.flaky", max_retries=3,
               default_retry_delay=0.2)
     def flaky(self: TrackedTask, key: str, failures: int) -> str:
         _note_run(self, key)
@@ -84,7 +90,7 @@ def _register_tasks(app: Celery) -> None:
             raise TransientPartnerError(f"partner API unavailable for {key}")
         return f"done {key}"
 
-    @app.task(shared=False, base=TrackedTask, bind=True, name="tests.backoff",
+    @app.task(shared=False, base=base, bind=True, name="tests.backoff",
               max_retries=2, default_retry_delay=4)
     def backoff(self: TrackedTask, key: str) -> str:
         _note_run(self, key)
@@ -92,7 +98,7 @@ def _register_tasks(app: Celery) -> None:
             raise TransientPartnerError(f"partner API unavailable for {key}")
         return f"done {key}"
 
-    @app.task(shared=False, base=TrackedTask, bind=True, name="tests.explicit_retry",
+    @app.task(shared=False, base=base, bind=True, name="tests.explicit_retry",
               max_retries=2)
     def explicit_retry(self: TrackedTask, key: str) -> None:
         _note_run(self, key)
@@ -101,7 +107,7 @@ def _register_tasks(app: Celery) -> None:
         except LookupError as exc:
             raise self.retry(exc=exc, countdown=0.2) from exc
 
-    @app.task(shared=False, base=TrackedTask, bind=True, name="tests.per_call_retry",
+    @app.task(shared=False, base=base, bind=True, name="tests.per_call_retry",
               max_retries=5)
     def per_call_retry(self: TrackedTask, key: str) -> None:
         _note_run(self, key)
@@ -110,23 +116,23 @@ def _register_tasks(app: Celery) -> None:
         except LookupError as exc:
             raise self.retry(exc=exc, countdown=0.2, max_retries=1) from exc
 
-    @app.task(shared=False, base=TrackedTask, bind=True, name="tests.auto_retry",
+    @app.task(shared=False, base=base, bind=True, name="tests.auto_retry",
               autoretry_for=(KeyError,), retry_kwargs={"max_retries": 2, "countdown": 0.2})
     def auto_retry(self: TrackedTask, key: str) -> None:
         _note_run(self, key)
         raise KeyError(key)
 
-    @app.task(shared=False, base=TrackedTask, bind=True, name="tests.reject_input")
+    @app.task(shared=False, base=base, bind=True, name="tests.reject_input")
     def reject_input(self: TrackedTask, key: str, payload: dict[str, Any]) -> None:
         _note_run(self, key)
         raise ValueError(f"invalid payload for {key}: {payload!r}")
 
-    @app.task(shared=False, base=TrackedTask, bind=True, name="tests.double")
+    @app.task(shared=False, base=base, bind=True, name="tests.double")
     def double(self: TrackedTask, key: str, value: int) -> int:
         _note_run(self, key)
         return value * 2
 
-    @app.task(shared=False, base=TrackedTask, bind=True, name="tests.total")
+    @app.task(shared=False, base=base, bind=True, name="tests.total")
     def total(self: TrackedTask, values: list[int], key: str) -> int:
         _note_run(self, key, values=values)
         return sum(values)

@@ -67,6 +67,7 @@ class WorkerProcess:
         extra_queues: tuple[str, ...] = (),
         extra_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        app_module: str = "tests.worker_app",
     ) -> None:
         self.name = name
         self.private_queue = f"{queue}.{name}"
@@ -81,7 +82,7 @@ class WorkerProcess:
             **(env or {}),
         }
         self.args = [
-            sys.executable, "-m", "celery", "-A", "tests.worker_app", "worker",
+            sys.executable, "-m", "celery", "-A", app_module, "worker",
             "-P", pool, "-c", str(concurrency),
             "-Q", ",".join([queue, self.private_queue, *extra_queues]), "-n", f"{name}@%h",
             "--without-gossip", "--without-mingle", "--without-heartbeat",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from tests.app import make_app
@@ -12,6 +13,7 @@ app = make_app(
     database=os.environ["TT_DATABASE"],
     queue=os.environ["TT_QUEUE"],
     result_backend=os.environ.get("TT_RESULT_BACKEND") or None,
+    extra_conf=json.loads(os.environ.get("TT_EXTRA_CONF") or "{}"),
 )
 
 if os.environ.get("TT_FAULTY_RECEIVER"):

@@ -195,11 +195,14 @@ class MongoStore:
                 document.pop("_id", None)
         return inserted
 
-    def note_deduplicated(self, task_id: str, now: dt.datetime) -> Document | None:
+    def note_deduplicated(
+        self, task_id: str, now: dt.datetime, *, counter: str = "deduplicatedSends",
+    ) -> Document | None:
         """Count a rejected send on the live execution of *task_id* and return it.
 
         Live means queued within its dedup window or processing within its
-        lease; a stale holder is not counted and ``None`` is returned.
+        lease; a stale holder is not counted and ``None`` is returned. Observe
+        mode counts on ``wouldDeduplicateSends`` instead.
         """
         live = [
             {"status": QUEUED, "dedupExpiresAt": {"$gte": now}},
@@ -207,7 +210,7 @@ class MongoStore:
         ]
         return self._run("note_deduplicated", lambda: self.collection.find_one_and_update(
             {"taskId": task_id, "active": True, "$or": live},
-            {"$inc": {"deduplicatedSends": 1}, "$set": {"lastDeduplicatedAt": now}},
+            {"$inc": {counter: 1}, "$set": {"lastDeduplicatedAt": now}},
             return_document=pymongo.ReturnDocument.AFTER,
         ))
 
@@ -315,11 +318,16 @@ class MongoStore:
             return Claim(None, self.find_active(record["taskId"]) or record)
         return Claim(new_id, None, redelivered=True)
 
-    def note_duplicate_delivery(self, execution_id: str, now: dt.datetime) -> None:
-        """Count a delivery that was skipped because its execution cannot be claimed."""
+    def note_duplicate_delivery(
+        self, execution_id: str, now: dt.datetime, *, counter: str = "duplicateDeliveries",
+    ) -> None:
+        """Count a delivery that was skipped because its execution cannot be claimed.
+
+        Observe mode counts on ``wouldSkipDeliveries`` instead.
+        """
         self._run("note_duplicate_delivery", lambda: self.collection.update_one(
             {"executionId": execution_id},
-            {"$inc": {"duplicateDeliveries": 1}, "$set": {"lastDuplicateDeliveryAt": now}},
+            {"$inc": {counter: 1}, "$set": {"lastDuplicateDeliveryAt": now}},
         ))
 
     def complete(
