@@ -42,7 +42,7 @@ def dead_letter(
     The message carries the original task name, args and kwargs, and a
     tracking header with the failure: reason, category, error type and
     message, source queue and attempt count. Publishing declares the DLQ, as
-    RabbitMQ drops messages routed to a queue nobody declared. Returns the
+    RabbitMQ drops messages routed to a queue that was never declared. Returns the
     DLQ name, or ``None`` when the publish failed.
     """
     tracker = task.tracker

@@ -75,7 +75,7 @@ def _ensure_counters() -> WorkerCounters:
 class LeaseRenewal(bootsteps.StartStopStep):  # type: ignore[misc]
     """Renew the leases of this worker's running executions on an interval.
 
-    Runs in the worker's main process, which knows every request handed to
+    Runs in the worker's main process, which tracks every request handed to
     the pool, and renews them all in one bulk write per interval whatever
     the number of running tasks.
     """

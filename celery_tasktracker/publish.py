@@ -44,7 +44,7 @@ class TaskKey:
 
 @dataclasses.dataclass(frozen=True)
 class SendOutcome:
-    """What ``register_send`` did: a new execution, or the active one that blocked it."""
+    """Result of ``register_send``: the new execution, the active one, or both."""
 
     document: Document | None
     existing: Document | None
@@ -125,8 +125,8 @@ def register_send(
     lapsed lease) is superseded and the insert tried again.
 
     With *observe*, a duplicate is counted as ``wouldDeduplicateSends`` on the
-    active execution and *document* is inserted anyway, without the dedup
-    key; the outcome then has both a document and the existing execution.
+    active execution, and *document* is inserted anyway without the dedup
+    key. The outcome then has both a document and the existing execution.
     """
     store = tracker.store
     task_id = document["taskId"]

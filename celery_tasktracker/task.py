@@ -37,7 +37,7 @@ __all__ = ["ExecutionContext", "TrackedTask"]
 
 logger = get_logger(__name__)
 
-#: Request attribute that holds the running execution's context.
+#: Request attribute that contains the running execution's context.
 _CONTEXT_ATTRIBUTE = "tasktracker_execution"
 
 #: Times an outcome write is tried before the error is logged and dropped;
@@ -61,7 +61,7 @@ class _ObservedBlock(Exception):
 
 @dataclasses.dataclass
 class ExecutionContext:
-    """What the worker knows about the execution whose body is running."""
+    """State of the execution whose body is running in this worker process."""
 
     task_id: str
     execution_id: str
@@ -408,7 +408,7 @@ class TrackedTask(Task):  # type: ignore[misc]
                 return self._adopt(request, args, kwargs, worker, now, lease_until,
                                    execution_id=execution_id)
         except StoreUnavailableError as exc:
-            # Nothing ran yet: put the message back for later, never lose it.
+            # Nothing ran yet, so publish the message again for later.
             self._defer(request, STORE_RETRY_DELAY, f"tracking store unavailable: {exc}")
 
         if not claim.claimed:
@@ -442,8 +442,8 @@ class TrackedTask(Task):  # type: ignore[misc]
     def _defer(self, request: Any, countdown: float, reason: str) -> None:
         """Publish this message again after *countdown* seconds, then raise ``Ignore``.
 
-        Observe mode never holds a message back: it runs the body now, tracked
-        as a would-be skip, or untracked when the store is unreachable.
+        Observe mode never delays a message: it runs the body now, tracked as
+        a would-be skip, or untracked when the store is unreachable.
         """
         if self.tracking_mode_in_effect() == "observe":
             header = (getattr(request, "headers", None) or {}).get(HEADER) or {}
@@ -459,8 +459,8 @@ class TrackedTask(Task):  # type: ignore[misc]
         try:
             signature.apply_async(countdown=countdown, headers=headers)
         except Exception as exc:
-            # With late acks the broker still holds this delivery: hand it
-            # back instead of losing it.
+            # With late acks the broker still has this delivery unacknowledged,
+            # so reject it back to the queue instead of losing it.
             logger.error(
                 "tasktracker: could not defer %s (celery task id %s): %s",
                 self.name, request.id, exc,

@@ -25,7 +25,7 @@ def _store_of(request: Any) -> Any:
 
 def _close_execution(request: Any, *, statuses: tuple[str, ...], fields: dict[str, Any],
                      what: str) -> None:
-    # Runs in the worker's main process, so it must never raise into Celery.
+    # Runs in the worker's main process, so every error is logged, not raised.
     now = utcnow()
     try:
         _store_of(request).collection.update_many(
@@ -91,7 +91,11 @@ def on_task_revoked(sender: Any = None, request: Any = None, terminated: bool = 
 
     if request is None or not isinstance(getattr(request, "task", None), TrackedTask):
         return
-    reason = "expired" if expired else ("terminated" if terminated else "revoked")
+    reason = "revoked"
+    if expired:
+        reason = "expired"
+    elif terminated:
+        reason = "terminated"
     now = utcnow()
     _close_execution(request, statuses=(QUEUED, PROCESSING), what="the revoke", fields={
         "status": FAILED, "active": False, "completedAt": now, "revoked": True,

@@ -247,10 +247,10 @@ class MongoStore:
 
         Exactly one of several concurrent claimants succeeds. The common case
         is one conditional update. When the execution is processing and its
-        lease has lapsed (its worker died), the lapsed attempt is closed as
-        ``failed`` and a new execution of the same taskId and attempt number
-        takes over, marked as a redelivery; later deliveries of the same
-        message follow ``redeliveredAs`` to it.
+        lease has lapsed because its worker died, the lapsed attempt is closed
+        as ``failed``. A new execution of the same taskId and attempt number
+        then takes over, marked as a redelivery, and later deliveries of the
+        same message follow ``redeliveredAs`` to it.
         """
         update = {
             "status": PROCESSING,
@@ -399,7 +399,7 @@ class MongoStore:
         ))
 
     def find_active(self, task_id: str) -> Document | None:
-        """Return the execution of *task_id* that holds its dedup key, or None."""
+        """Return the execution that has the dedup key of *task_id*, or None."""
         return self._run("find_active", lambda: self.collection.find_one(
             {"taskId": task_id, "active": True}, {"_id": 0},
         ))
