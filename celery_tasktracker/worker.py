@@ -17,25 +17,25 @@ __all__ = ["TrackedRequest", "on_task_revoked"]
 logger = get_logger(__name__)
 
 
-def _store_of(request: Any) -> Any:
+def _store_of(task: Any) -> Any:
     from .extension import get_tracker
 
-    return get_tracker(request.task.app).store
+    return get_tracker(task.app).store
 
 
-def _close_execution(request: Any, *, statuses: tuple[str, ...], fields: dict[str, Any],
-                     what: str) -> None:
+def _close_execution(task: Any, celery_task_id: str, *, statuses: tuple[str, ...],
+                     fields: dict[str, Any], what: str) -> None:
     # Runs in the worker's main process, so every error is logged, not raised.
     now = utcnow()
     try:
-        _store_of(request).collection.update_many(
-            {"celeryTaskId": request.id, "status": {"$in": list(statuses)}},
+        _store_of(task).collection.update_many(
+            {"celeryTaskId": celery_task_id, "status": {"$in": list(statuses)}},
             {"$set": {"updatedAt": now, **fields}, "$unset": {"leaseExpiresAt": ""}},
         )
     except Exception as exc:
         logger.warning(
             "tasktracker: could not record %s of %s (celery task id %s): %s",
-            what, request.name, request.id, exc,
+            what, task.name, celery_task_id, exc,
         )
 
 
@@ -44,7 +44,7 @@ def _expire_lease(request: Any) -> None:
     # execution over now instead of after the lease runs out.
     now = utcnow()
     try:
-        _store_of(request).collection.update_many(
+        _store_of(request.task).collection.update_many(
             {"celeryTaskId": request.id, "status": PROCESSING},
             {"$set": {"leaseExpiresAt": now - dt.timedelta(milliseconds=1),
                       "updatedAt": now, "workerLost": True}},
@@ -75,21 +75,27 @@ class TrackedRequest(Request):  # type: ignore[misc]
             # The pool process is killed, so the task's own hooks never run:
             # record the timeout and release the dedup key here.
             now = utcnow()
-            _close_execution(self, statuses=(PROCESSING,), what="the hard time limit", fields={
+            fields = {
                 "status": FAILED, "active": False, "completedAt": now,
                 "errorCategory": "timeout",
                 "errorType": "billiard.exceptions.TimeLimitExceeded",
                 "errorMessage": f"hard time limit ({timeout} s) exceeded",
-            })
+            }
+            _close_execution(self.task, self.id, statuses=(PROCESSING,),
+                             what="the hard time limit", fields=fields)
         return result
 
 
 def on_task_revoked(sender: Any = None, request: Any = None, terminated: bool = False,
                     expired: bool = False, **kwargs: Any) -> None:
-    """Release the dedup key of a revoked or expired tracked task at once."""
+    """Release the dedup key of a revoked or expired tracked task at once.
+
+    Celery 5.7 sends the task as *sender* and a task ``Context`` as *request*,
+    whose ``task`` attribute is only the task name.
+    """
     from .task import TrackedTask
 
-    if request is None or not isinstance(getattr(request, "task", None), TrackedTask):
+    if request is None or not isinstance(sender, TrackedTask):
         return
     reason = "revoked"
     if expired:
@@ -97,8 +103,10 @@ def on_task_revoked(sender: Any = None, request: Any = None, terminated: bool = 
     elif terminated:
         reason = "terminated"
     now = utcnow()
-    _close_execution(request, statuses=(QUEUED, PROCESSING), what="the revoke", fields={
+    fields = {
         "status": FAILED, "active": False, "completedAt": now, "revoked": True,
         "errorCategory": "permanent", "errorType": "celery.exceptions.TaskRevokedError",
         "errorMessage": f"task {reason}",
-    })
+    }
+    _close_execution(sender, request.id, statuses=(QUEUED, PROCESSING), what="the revoke",
+                     fields=fields)
