@@ -268,9 +268,12 @@ class MongoStore:
 
         current = execution_id
         record: Document | None = None
+        closed: Document | None = None
         for _ in range(_MAX_REDELIVERY_HOPS):
             record = self.get(current)
             if record is None:
+                if closed is not None:
+                    return self._insert_missing_successor(closed, current, update, now)
                 return Claim(None, {})
             lapsed = (record.get("status") == PROCESSING and not record.get("superseded")
                       and record.get("leaseExpiresAt", now) < now)
@@ -280,6 +283,7 @@ class MongoStore:
                     return taken
                 continue
             if record.get("redeliveredAs"):
+                closed = record
                 current = record["redeliveredAs"]
                 continue
             return Claim(None, record)
@@ -298,24 +302,50 @@ class MongoStore:
                       "errorCategory": "transient", "errorType": LEASE_LAPSED,
                       "errorMessage": "the worker stopped renewing the lease (lost or "
                                       f"killed); redelivered as executionId {new_id}",
-                      "redeliveredAs": new_id},
+                      "redeliveredAs": new_id,
+                      "redeliveryHoldsKey": bool(record.get("active"))},
              "$unset": {"leaseExpiresAt": ""}},
         ))
         if not retired.matched_count:
             return None
+        return self._insert_successor(record, new_id, update, now)
 
-        successor = {key: record[key] for key in _INHERITED if key in record}
+    def _insert_missing_successor(
+        self, closed: Document, new_id: str, update: Mapping[str, Any], now: dt.datetime,
+    ) -> Claim:
+        # The lapsed attempt was closed but its successor never inserted,
+        # because the store or the claimant went away between the two writes.
+        # Insert it now, unless a newer execution of the taskId was sent since.
+        newer = self._run("find_newer", lambda: self.collection.find_one(
+            {"taskId": closed["taskId"], "createdAt": {"$gt": closed["createdAt"]}},
+            {"_id": 0}, sort=[("createdAt", -1)],
+        ))
+        if newer is not None:
+            return Claim(None, newer)
+        return self._insert_successor(closed, new_id, update, now)
+
+    def _insert_successor(
+        self, lapsed: Document, new_id: str, update: Mapping[str, Any], now: dt.datetime,
+    ) -> Claim:
+        # *lapsed* is read before or after it was closed; once closed, its
+        # own active flag is False and redeliveryHoldsKey keeps the old one.
+        successor = {key: lapsed[key] for key in _INHERITED if key in lapsed}
         successor.update(update)
         successor.update({
             "executionId": new_id, "createdAt": now, "redelivered": True,
-            "redeliveryOf": record["executionId"],
-            "active": bool(record.get("active")),
+            "redeliveryOf": lapsed["executionId"],
+            "active": bool(lapsed.get("redeliveryHoldsKey", lapsed.get("active"))),
             "dedupExpiresAt": now + dt.timedelta(seconds=self.config.dedup_window),
         })
-        if not self.insert(successor):
+        try:
+            inserted = self.insert(successor)
+        except DuplicateKeyError:
+            # Another claimant inserted the same successor first.
+            return Claim(None, self.get(new_id) or lapsed)
+        if not inserted:
             # The dedup key was taken between the two writes by a new send,
             # which will do the work.
-            return Claim(None, self.find_active(record["taskId"]) or record)
+            return Claim(None, self.find_active(lapsed["taskId"]) or lapsed)
         return Claim(new_id, None, redelivered=True)
 
     def note_duplicate_delivery(
