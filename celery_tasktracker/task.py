@@ -428,8 +428,14 @@ class TrackedTask(Task):  # type: ignore[misc]
     ) -> None:
         # A broker redelivery whose execution still holds a live lease may
         # come from a worker that just died: try again once the lease could
-        # have lapsed. Any other blocked delivery is a duplicate.
-        redelivered = bool((request.delivery_info or {}).get("redelivered"))
+        # have lapsed. So does a copy deferred before, because it may be the
+        # last copy of the message: the deferring delivery was acknowledged,
+        # and on Redis that also acknowledges the copy still running. Any
+        # other blocked delivery is a duplicate.
+        header = ((getattr(request, "headers", None) or {}).get(HEADER)
+                  or getattr(request, HEADER, None) or {})
+        redelivered = (bool((request.delivery_info or {}).get("redelivered"))
+                       or bool(header.get("deferred")))
         lease = record.get("leaseExpiresAt")
         if redelivered and record.get("status") == PROCESSING and lease is not None:
             wait = max(1.0, (lease - utcnow()).total_seconds() + 1.0)
@@ -453,8 +459,8 @@ class TrackedTask(Task):  # type: ignore[misc]
             raise _ObservedBlock(header.get("taskId"), header.get("executionId"), reason,
                                  untracked=store_down)
         headers = dict(getattr(request, "headers", None) or {})
-        if HEADER not in headers:
-            headers[HEADER] = {"v": 1, "adopt": True}
+        headers[HEADER] = {**(headers.get(HEADER) or {"v": 1, "adopt": True}),
+                           "deferred": True}
         signature = self.signature_from_request(request, request.args, request.kwargs)
         try:
             signature.apply_async(countdown=countdown, headers=headers)
