@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, signals
@@ -13,6 +14,8 @@ from .exceptions import TaskTrackerError
 from .store import MongoStore
 
 if TYPE_CHECKING:
+    from pymongo.monitoring import _EventListener
+
     from .store.mongo import Document
 
 __all__ = ["TaskTracker", "get_tracker", "install"]
@@ -29,8 +32,12 @@ class TaskTracker:
     app's configuration is loaded.
     """
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(
+        self, app: Celery, *, event_listeners: Sequence[_EventListener] = (),
+    ) -> None:
         self.app = app
+        #: pymongo monitoring listeners attached to the store's client.
+        self.event_listeners = list(event_listeners)
         self._lock = threading.Lock()
         self._config: TrackerConfig | None = None
         self._store: MongoStore | None = None
@@ -51,8 +58,21 @@ class TaskTracker:
             config = self.config
             with self._lock:
                 if self._store is None:
-                    self._store = MongoStore(config)
+                    self._store = MongoStore(config, event_listeners=self.event_listeners)
         return self._store
+
+    def add_event_listeners(self, listeners: Sequence[_EventListener]) -> None:
+        """Attach pymongo monitoring *listeners* to the store's client.
+
+        A client that already exists in this process is closed, so the next
+        store operation reconnects with the listeners attached.
+        """
+        with self._lock:
+            self.event_listeners.extend(listeners)
+            store = self._store
+        if store is not None:
+            store.event_listeners = list(self.event_listeners)
+            store.close()
 
     def history(self, task_id: str) -> list[Document]:
         """Return every execution of *task_id*, oldest first: its retry chain."""
@@ -86,18 +106,26 @@ def get_tracker(app: Celery) -> TaskTracker:
     return tracker  # type: ignore[no-any-return]
 
 
-def install(app: Celery) -> TaskTracker:
+def install(
+    app: Celery, *, event_listeners: Sequence[_EventListener] = (),
+) -> TaskTracker:
     """Install the extension on *app* and return its tracker.
 
     Connects the publish hook that tracks ``send_task`` and beat messages and
     the worker start-up hook that validates settings and creates indexes.
     Calling it again on the same app returns the same tracker.
+
+    *event_listeners* are pymongo monitoring listeners, such as a
+    ``pymongo.monitoring.CommandListener``. They are attached to the store's
+    client in every process, and a second call adds its listeners.
     """
     existing = getattr(app, _ATTRIBUTE, None)
     if existing is not None:
+        if event_listeners:
+            existing.add_event_listeners(event_listeners)
         return existing  # type: ignore[no-any-return]
 
-    tracker = TaskTracker(app)
+    tracker = TaskTracker(app, event_listeners=event_listeners)
     setattr(app, _ATTRIBUTE, tracker)
 
     # Imported here because both modules import this one.

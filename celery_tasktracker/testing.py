@@ -1,4 +1,4 @@
-"""Helpers for tests and demos: a throwaway MongoDB-compatible server.
+"""Helpers for tests and demos: a throwaway MongoDB-compatible server, a command counter.
 
 The server is SecantusDB's ``secantusd-py`` command (``pip install
 secantusdb``), started as a separate process on 127.0.0.1 with in-memory
@@ -8,19 +8,30 @@ dependency.
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Mapping
 from types import TracebackType
+from typing import Any
 
 import pymongo
+from pymongo import monitoring
 from pymongo.errors import PyMongoError
 
-__all__ = ["MongoTestServer", "free_port"]
+__all__ = [
+    "MongoTestServer",
+    "StoreCommandCounter",
+    "count_by_side",
+    "free_port",
+    "label_command",
+]
 
 #: Environment variable naming a MongoDB server to use instead of starting one.
 MONGODB_URI_VARIABLE = "TASKTRACKER_TEST_MONGODB_URI"
@@ -134,3 +145,81 @@ class MongoTestServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def label_command(name: str, command: Mapping[str, Any]) -> str:
+    """Name the store operation behind one MongoDB command that the tracker sent."""
+    if name == "insert":
+        documents = command.get("documents") or []
+        return "insert" if len(documents) == 1 else f"insert {len(documents)} documents"
+    labels = {
+        "findAndModify": "find and count duplicate send",
+        "find": "read record",
+        "delete": "delete unused records",
+        "createIndexes": "create indexes",
+    }
+    if name != "update":
+        return labels.get(name, name)
+
+    update = (command.get("updates") or [{}])[0]
+    query = update.get("q") or {}
+    change = update.get("u") or {}
+    status = (change.get("$set") or {}).get("status")
+    if isinstance(query.get("celeryTaskId"), Mapping) and "$in" in query["celeryTaskId"]:
+        return "renew leases"
+    if query.get("status") == "queued" and status == "processing":
+        return "claim"
+    if status == "completed":
+        return "record success"
+    if status in ("failed", "dlq"):
+        return f"record {status}"
+    if "$inc" in change:
+        return "count " + ", ".join(change["$inc"])
+    return "update"
+
+
+class StoreCommandCounter(monitoring.CommandListener):
+    """Record the commands sent to the tracking collection, with the sending thread.
+
+    Attach it with ``celery_tasktracker.install(app, event_listeners=[counter])``
+    to count store round trips, for example to check in a test that a task
+    lifecycle makes no more of them than expected. Commands on other
+    collections are ignored.
+    """
+
+    def __init__(self, collection: str = "task_tracker") -> None:
+        self.collection = collection
+        self._lock = threading.Lock()
+        #: ``(thread name, operation label, command document)`` in sending order.
+        self.commands: list[tuple[str, str, Mapping[str, Any]]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command.get(event.command_name) != self.collection:
+            return
+        label = label_command(event.command_name, event.command)
+        with self._lock:
+            self.commands.append((threading.current_thread().name, label, event.command))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        """Ignore replies: a round trip is counted when its command starts."""
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        """Ignore failures: a round trip is counted when its command starts."""
+
+    def take(self) -> list[tuple[str, str, Mapping[str, Any]]]:
+        """Return the commands recorded since the last call and forget them."""
+        with self._lock:
+            commands = list(self.commands)
+            self.commands.clear()
+        return commands
+
+
+def count_by_side(
+    commands: list[tuple[str, str, Mapping[str, Any]]], producer_thread: str = "MainThread",
+) -> tuple[collections.Counter[str], collections.Counter[str]]:
+    """Count commands by label: those sent by *producer_thread* and those sent by others."""
+    producer: collections.Counter[str] = collections.Counter()
+    worker: collections.Counter[str] = collections.Counter()
+    for thread, label, _command in commands:
+        (producer if thread == producer_thread else worker)[label] += 1
+    return producer, worker

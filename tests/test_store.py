@@ -198,3 +198,42 @@ def test_counts_by_status_per_queue(store: MongoStore) -> None:
     claim(store, document["executionId"])
 
     assert store.counts_by_status("q") == {"q": {"queued": 2, "processing": 1}}
+
+
+def _use_store_in_child(store: MongoStore, parent_client_id: int, results: object) -> None:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        forgotten = store._client is None
+        store.collection.find_one({})
+        fresh = store._client is not None and id(store._client) != parent_client_id
+    results.put((forgotten, fresh, [str(w.message) for w in caught]))  # type: ignore[attr-defined]
+
+
+def test_forked_child_opens_own_client(store: MongoStore) -> None:
+    import multiprocessing
+
+    store.collection.find_one({})
+    parent_client = store._client
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+
+    child = context.Process(target=_use_store_in_child,
+                            args=(store, id(parent_client), results))
+    child.start()
+    forgotten, fresh, warned = results.get(timeout=60)
+    child.join(timeout=60)
+
+    assert child.exitcode == 0
+    assert forgotten is True
+    assert fresh is True
+    assert not [message for message in warned if "fork" in message]
+    assert store._client is parent_client
+    assert store.collection.find_one({"executionId": "none"}) is None
+
+
+def test_collection_reused_within_process(store: MongoStore) -> None:
+    first = store.collection
+
+    assert store.collection is first

@@ -6,18 +6,22 @@ import dataclasses
 import datetime as dt
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pymongo
 from celery.utils.log import get_logger
 from pymongo.collection import Collection
-from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
 from ..config import TrackerConfig
 from ..exceptions import StoreUnavailableError
 from ..ids import new_execution_id
 from .base import ARCHIVED, COMPLETED, DLQ, FAILED, PROCESSING, QUEUED
+
+if TYPE_CHECKING:
+    from pymongo.monitoring import _EventListener
 
 __all__ = ["Claim", "MongoStore"]
 
@@ -76,35 +80,61 @@ def _index_models(retention: float) -> list[pymongo.IndexModel]:
     ]
 
 
+#: Every store of this process, so a forked child can drop the parent's clients.
+_stores: weakref.WeakSet[MongoStore] = weakref.WeakSet()
+
+
+def _forget_clients_after_fork() -> None:
+    # The child must neither use nor close a client it inherited: closing
+    # would end sessions over sockets the parent still owns. Drop the
+    # references and replace locks another parent thread may have held.
+    for store in list(_stores):
+        store._forget_client()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_clients_after_fork)
+
+
 class MongoStore:
     """Execution records in one MongoDB collection.
 
     The client is created lazily and once per process: a process forked
     from another one (a prefork pool child) opens its own client and never
-    touches the parent's.
+    touches the parent's. *event_listeners* are pymongo monitoring listeners
+    (for example a ``pymongo.monitoring.CommandListener``) attached to the
+    client of every process.
     """
 
-    def __init__(self, config: TrackerConfig) -> None:
+    def __init__(
+        self, config: TrackerConfig, *, event_listeners: Sequence[_EventListener] = (),
+    ) -> None:
         self.config = config
+        self.event_listeners = list(event_listeners)
         self._lock = threading.Lock()
         self._client: pymongo.MongoClient[Document] | None = None
+        self._collection: Collection[Document] | None = None
         self._pid: int | None = None
         self._indexes_ready = False
+        _stores.add(self)
 
     # -- connection -------------------------------------------------------
 
     @property
     def collection(self) -> Collection[Document]:
         """The collection, connecting on first use in this process."""
-        pid = os.getpid()
-        if self._client is None or self._pid != pid:
-            with self._lock:
-                if self._client is None or self._pid != pid:
-                    self._client = self._connect()
-                    self._pid = pid
-        database = self._client.get_database(self.config.database) if self.config.database \
-            else self._client.get_default_database("celery_tasktracker")
-        return database.get_collection(self.config.collection)
+        collection = self._collection
+        if collection is not None and self._pid == os.getpid():
+            return collection
+        with self._lock:
+            if self._collection is None or self._pid != os.getpid():
+                client = self._connect()
+                database = (client.get_database(self.config.database) if self.config.database
+                            else client.get_default_database("celery_tasktracker"))
+                self._client = client
+                self._collection = database.get_collection(self.config.collection)
+                self._pid = os.getpid()
+            return self._collection
 
     def _connect(self) -> pymongo.MongoClient[Document]:
         timeout_ms = int(self.config.mongodb_timeout * 1000)
@@ -117,6 +147,7 @@ class MongoStore:
             connectTimeoutMS=timeout_ms,
             socketTimeoutMS=timeout_ms,
             appname="celery-tasktracker",
+            event_listeners=self.event_listeners,
         )
 
     def close(self) -> None:
@@ -125,12 +156,20 @@ class MongoStore:
             if self._client is not None and self._pid == os.getpid():
                 self._client.close()
             self._client = None
+            self._collection = None
             self._pid = None
+
+    def _forget_client(self) -> None:
+        self._lock = threading.Lock()
+        self._client = None
+        self._collection = None
+        self._pid = None
 
     def _run(self, what: str, operation: Callable[[], T]) -> T:
         try:
             return operation()
-        except DuplicateKeyError:
+        except (DuplicateKeyError, BulkWriteError):
+            # Callers read the duplicate-key details of these two.
             raise
         except PyMongoError as exc:
             raise StoreUnavailableError(
@@ -183,7 +222,7 @@ class MongoStore:
                 "insert_many",
                 lambda: self.collection.insert_many(documents, ordered=False),
             )
-        except pymongo.errors.BulkWriteError as exc:
+        except BulkWriteError as exc:
             for error in exc.details.get("writeErrors", []):
                 if error.get("code") != 11000:
                     raise StoreUnavailableError(
