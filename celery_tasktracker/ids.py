@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import functools
 import hashlib
 import inspect
 import re
@@ -178,7 +179,7 @@ def bind_arguments(
     Raises:
         TaskIdError: if the arguments do not fit the signature.
     """
-    signature = inspect.signature(func)
+    signature = _signature_of(func)
     try:
         bound = signature.bind(*(args or ()), **(kwargs or {}))
     except TypeError as exc:
@@ -189,6 +190,22 @@ def bind_arguments(
         ) from exc
     bound.apply_defaults()
     return dict(bound.arguments)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_signature(func: Callable[..., Any]) -> inspect.Signature:
+    return inspect.signature(func)
+
+
+def _signature_of(func: Callable[..., Any]) -> inspect.Signature:
+    # inspect.signature() costs more than binding the arguments, and a task's
+    # signature never changes. A bound method hashes by its instance and
+    # function, so every access to ``task.run`` finds the same entry.
+    try:
+        return _cached_signature(func)
+    except TypeError:
+        # An unhashable callable.
+        return inspect.signature(func)
 
 
 def canonical_digest(value: Any) -> str:

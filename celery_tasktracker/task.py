@@ -271,14 +271,20 @@ class TrackedTask(Task):  # type: ignore[misc]
     def _route_queue(
         self, options: Mapping[str, Any], args: Any, kwargs: Any,
     ) -> str:
-        # The router resolves the queue the same way send_task will.
+        # Resolve the queue as send_task will: the caller's queue option, then
+        # the task's own queue attribute, then task_routes, then the default.
         queue = options.get("queue")
+        if queue is None:
+            queue = self._get_exec_options().get("queue")
         if isinstance(queue, str):
             return queue
         if queue is not None:
             return str(queue.name)
+        router = self.app.amqp.router
+        if not router.routes:
+            return str(self.app.conf.task_default_queue)
         try:
-            routed = self.app.amqp.router.route(dict(options), self.name, args, kwargs)
+            routed = router.route(dict(options), self.name, args, kwargs)
         except Exception:
             return str(self.app.conf.task_default_queue)
         destination = routed.get("queue")

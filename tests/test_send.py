@@ -187,3 +187,24 @@ def test_unreachable_store_sends_untracked_when_set(database: str) -> None:
 
     assert result.id
     _ = pymongo
+
+
+def test_task_queue_attribute_recorded(
+    make_tracked_app: Callable[..., Celery], database: str,
+) -> None:
+    from celery_tasktracker import TrackedTask
+    from tests.harness import delete_queues
+
+    app = make_tracked_app(database=database)
+    queue = unique_name("ttq-attr")
+
+    @app.task(shared=False, base=TrackedTask, name="tests.routed", queue=queue)
+    def routed(number: int) -> int:
+        return number
+
+    try:
+        routed.delay(1)
+    finally:
+        delete_queues(BROKERS["redis"], [queue])
+
+    assert [d["queue"] for d in records(app)] == [queue]
