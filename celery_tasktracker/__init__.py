@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .batch import send_group
 from .categories import categorize
 from .config import SETTINGS, TrackerConfig
 from .exceptions import (
@@ -35,6 +36,7 @@ __all__ = [
     "get_tracker",
     "install",
     "new_execution_id",
+    "send_group",
     "validate_execution_id",
     "validate_task_id",
 ]

@@ -18,6 +18,7 @@ from celery.utils.log import get_logger
 from celery.utils.time import get_exponential_backoff_interval
 
 from . import monitoring, signals
+from .batch import take_prepared_header
 from .categories import categorize
 from .config import MODES
 from .dlq import dead_letter
@@ -209,6 +210,13 @@ class TrackedTask(Task):  # type: ignore[misc]
         force = bool(options.pop("tasktracker_force", False))
         headers = dict(options.get("headers") or {})
         celery_task_id = task_id or uuid()
+        prepared = take_prepared_header(celery_task_id, args, kwargs)
+        if prepared is not None:
+            # A member of send_group(), whose record is already inserted.
+            return self._publish_tracked(prepared, headers, args, kwargs, {
+                **options, "task_id": celery_task_id, "producer": producer, "link": link,
+                "link_error": link_error, "shadow": shadow,
+            })
         attempt = int(options.get("retries") or 0)
         retrying = self._current_context_for_retry(celery_task_id, attempt)
 
@@ -257,15 +265,26 @@ class TrackedTask(Task):  # type: ignore[misc]
         if outcome.would_deduplicate:
             announce_duplicate(self, key.task_id, outcome.existing, observed=True)
 
-        headers[HEADER] = outcome.header
-        options["headers"] = headers
+        return self._publish_tracked(outcome.header, headers, args, kwargs, {
+            **options, "task_id": celery_task_id, "producer": producer, "link": link,
+            "link_error": link_error, "shadow": shadow,
+        })
+
+    def _publish_tracked(
+        self,
+        header: dict[str, Any],
+        message_headers: dict[str, Any],
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        options: dict[str, Any],
+    ) -> AsyncResult:
+        """Publish with the tracking *header*; release the execution if that fails."""
+        message_headers[HEADER] = header
+        options["headers"] = message_headers
         try:
-            return super().apply_async(
-                args, kwargs, task_id=celery_task_id, producer=producer, link=link,
-                link_error=link_error, shadow=shadow, **options,
-            )
+            return super().apply_async(args, kwargs, **options)
         except BaseException as exc:
-            self._release_unsent(tracker, outcome.header["executionId"], exc)
+            self._release_unsent(self.tracker, header["executionId"], exc)
             raise
 
     def _route_queue(

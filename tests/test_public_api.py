@@ -10,7 +10,8 @@ def test_exported_names() -> None:
         "SETTINGS", "DuplicateTaskError", "InvalidTaskIdError", "StoreUnavailableError",
         "TaskIdError", "TaskKey", "TaskTracker", "TaskTrackerError", "TrackedTask",
         "TrackerConfig", "__version__", "build_task_id", "categorize", "get_tracker",
-        "install", "new_execution_id", "validate_execution_id", "validate_task_id",
+        "install", "new_execution_id", "send_group", "validate_execution_id",
+        "validate_task_id",
     ])
 
 

@@ -234,6 +234,15 @@ class MongoStore:
                 document.pop("_id", None)
         return inserted
 
+    def delete_unsent(self, execution_ids: list[str]) -> int:
+        """Delete queued records whose messages were never published; return how many."""
+        if not execution_ids:
+            return 0
+        outcome = self._run("delete_unsent", lambda: self.collection.delete_many(
+            {"executionId": {"$in": execution_ids}, "status": QUEUED},
+        ))
+        return outcome.deleted_count
+
     def note_deduplicated(
         self, task_id: str, now: dt.datetime, *, counter: str = "deduplicatedSends",
     ) -> Document | None:
