@@ -51,7 +51,7 @@ def wait_for(
 
 
 class WorkerProcess:
-    """A ``celery worker`` process of ``tests.worker_app`` on one queue."""
+    """A ``celery worker`` process of a test app (``tests.worker_app`` by default)."""
 
     def __init__(
         self,
