@@ -482,9 +482,12 @@ def _stuck_filter(reason: str, now: dt.datetime, cutoff: dt.datetime) -> dict[st
 def _stored_arguments(record: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]] | None:
     """Return the task arguments kept on *record*, or ``None`` when there are none.
 
-    ``args``/``kwargs`` are stored when a task opts in; ``pendingArgs``/
-    ``pendingKwargs`` are kept by a worker whose DLQ publish failed.
+    ``args``/``kwargs`` are stored when a task sets ``tracking_store_args``;
+    ``pendingArgs``/``pendingKwargs`` are kept by a worker whose DLQ publish
+    failed. Arguments with redacted values cannot be sent again.
     """
+    if record.get("redactedArgs") and "pendingArgs" not in record:
+        return None
     for args_field, kwargs_field in (("args", "kwargs"), ("pendingArgs", "pendingKwargs")):
         if args_field in record or kwargs_field in record:
             return list(record.get(args_field) or ()), dict(record.get(kwargs_field) or {})
@@ -600,7 +603,8 @@ def _finish_requeue(
     _store_call(tracker, "requeue_finish", lambda: tracker.store.collection.update_one(
         {"executionId": record["executionId"], "requeueExecutionId": new_execution_id,
          "status": {"$in": [QUEUED, PROCESSING]}},
-        {"$set": {"status": FAILED, "completedAt": now, "updatedAt": now, **fields}},
+        {"$set": {"status": FAILED, "completedAt": now, "finishedAt": now, "updatedAt": now,
+                  **fields}},
     ))
 
 

@@ -115,7 +115,11 @@ def build_document(
 
 
 def register_send(
-    tracker: TaskTracker, document: Document, *, observe: bool = False,
+    tracker: TaskTracker,
+    document: Document,
+    *,
+    observe: bool = False,
+    preempt_since: dt.datetime | None = None,
 ) -> SendOutcome:
     """Insert *document* unless another execution of its taskId is active.
 
@@ -127,6 +131,14 @@ def register_send(
     With *observe*, a duplicate is counted as ``wouldDeduplicateSends`` on the
     active execution, and *document* is inserted anyway without the dedup
     key. The outcome then has both a document and the existing execution.
+
+    With *preempt_since* (a retry, which must never be deduplicated), a
+    queued execution created at or after that time took the key in the gap
+    between the failed attempt's release and this insert: it is superseded,
+    so its message is skipped at claim, and the retry takes the key.
+
+    Raises:
+        TaskTrackerError: when the key changed hands on every attempt.
     """
     store = tracker.store
     task_id = document["taskId"]
@@ -136,6 +148,8 @@ def register_send(
             return SendOutcome(document=document, existing=None)
 
         now = utcnow()
+        if preempt_since is not None and _preempt(store, task_id, preempt_since, now):
+            continue
         existing = store.note_deduplicated(task_id, now, counter=counter)
         if existing is not None:
             if not observe:
@@ -153,7 +167,28 @@ def register_send(
                 "tasktracker: superseded stale %s execution of taskId=%s executionId=%s",
                 holder.get("status"), task_id, holder.get("executionId"),
             )
-    return SendOutcome(document=None, existing=store.find_active(task_id))
+    holder = store.find_active(task_id)
+    if holder is None:
+        raise TaskTrackerError(
+            f"could not record a send of taskId {task_id!r}: its active execution "
+            f"changed on each of {_INSERT_ATTEMPTS} attempts; send it again"
+        )
+    return SendOutcome(document=None, existing=holder)
+
+
+def _preempt(store: Any, task_id: str, since: dt.datetime, now: dt.datetime) -> bool:
+    holder = store.find_active(task_id)
+    if (holder is None or holder.get("status") != QUEUED
+            or holder.get("createdAt", since) < since):
+        return False
+    if not store.supersede_queued(holder["executionId"], now):
+        return False
+    logger.info(
+        "tasktracker: a retry of taskId=%s superseded executionId=%s (celery task id %s), "
+        "which was sent while the failed attempt handed over its key",
+        task_id, holder.get("executionId"), holder.get("celeryTaskId"),
+    )
+    return True
 
 
 def announce_duplicate(
@@ -215,8 +250,9 @@ def on_before_task_publish(
         document = build_document(
             key=key, task_name=task.name, celery_task_id=headers["id"],
             queue=routing_key, attempt=int(headers.get("retries") or 0), now=utcnow(),
-            dedup_window=tracker.config.dedup_window,
-            holds_key=not headers.get("group"), extra={"sentBy": "publish_hook"},
+            dedup_window=tracker.config.dedup_window, not_before=_header_eta(headers),
+            holds_key=not headers.get("group"),
+            extra={"sentBy": "publish_hook", **task.stored_arguments(args, call_kwargs)},
         )
         outcome = register_send(tracker, document, observe=observe)
     except TaskTrackerError as exc:
@@ -237,6 +273,18 @@ def on_before_task_publish(
     if outcome.would_deduplicate:
         announce_duplicate(task, key.task_id, outcome.existing, observed=True)
     headers[HEADER] = outcome.header
+
+
+def _header_eta(headers: Mapping[str, Any]) -> dt.datetime | None:
+    # Protocol 2 carries the ETA (countdown included) as an ISO 8601 string.
+    eta = headers.get("eta")
+    if not isinstance(eta, str):
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(eta)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
 
 def _body_arguments(body: Any) -> tuple[Sequence[Any], Mapping[str, Any]]:

@@ -45,6 +45,9 @@ _CONTEXT_ATTRIBUTE = "tasktracker_execution"
 #: with the growing pause between tries this spans about 30 seconds.
 _OUTCOME_WRITE_ATTEMPTS = 8
 
+#: Placeholder stored for a redacted argument value.
+REDACTED = "[redacted]"
+
 #: Seconds before a message whose claim found the store unreachable is tried again.
 STORE_RETRY_DELAY = 5.0
 
@@ -120,6 +123,15 @@ class TrackedTask(Task):  # type: ignore[misc]
     #: ``"enforce"`` or ``"observe"``; ``None`` uses ``tasktracker_mode``.
     tracking_mode: ClassVar[str | None] = None
 
+    #: Store the call's arguments on each record (``args`` and ``kwargs``),
+    #: which lets ``celery tasktracker stuck --requeue`` send the task again.
+    #: Off by default because arguments may hold personal data.
+    tracking_store_args: ClassVar[bool] = False
+
+    #: Argument names whose values are stored as ``"[redacted]"`` when
+    #: ``tracking_store_args`` is on; such a record cannot be requeued.
+    tracking_redact_args: ClassVar[Sequence[str]] = ()
+
     #: The worker's request class: it expires the lease of an execution
     #: whose pool process died and records hard time limits.
     Request = "celery_tasktracker.worker:TrackedRequest"
@@ -145,6 +157,36 @@ class TrackedTask(Task):  # type: ignore[misc]
                 + ", ".join(repr(m) for m in MODES)
             )
         return mode
+
+    @property
+    def current_execution(self) -> ExecutionContext | None:
+        """The tracked execution whose body is running in this process, or None.
+
+        Inside a task body, ``self.current_execution.execution_id`` is the
+        executionId to log or to pass on as an idempotency key.
+        """
+        return getattr(self.request, _CONTEXT_ATTRIBUTE, None)
+
+    def stored_arguments(
+        self, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Return the ``args`` and ``kwargs`` fields to store, or ``{}`` when not opted in."""
+        if not self.tracking_store_args:
+            return {}
+        redact = set(self.tracking_redact_args)
+        stored_args = list(args or ())
+        stored_kwargs = dict(kwargs or {})
+        if redact:
+            names = list(bind_arguments(self.run, args, kwargs))
+            for index in range(len(stored_args)):
+                if index < len(names) and names[index] in redact:
+                    stored_args[index] = REDACTED
+            for name in redact & set(stored_kwargs):
+                stored_kwargs[name] = REDACTED
+        fields: dict[str, Any] = {"args": stored_args, "kwargs": stored_kwargs}
+        if redact:
+            fields["redactedArgs"] = sorted(redact)
+        return fields
 
     @property
     def tracker(self) -> TaskTracker:
@@ -176,6 +218,12 @@ class TrackedTask(Task):  # type: ignore[misc]
             rendered = tuple(render_part(part) for part in parts)
             return TaskKey(join_task_id(namespace, rendered), rendered)
 
+        if isinstance(self.tracking_key_args, str):
+            raise TaskIdError(
+                f"tracking_key_args of task {self.name!r} is the string "
+                f"{self.tracking_key_args!r}; give a sequence of names such as "
+                f"({self.tracking_key_args!r},)"
+            )
         if self.tracking_key_args is not None:
             missing = [name for name in self.tracking_key_args if name not in bound]
             if missing:
@@ -237,7 +285,9 @@ class TrackedTask(Task):  # type: ignore[misc]
         observe = self.tracking_mode_in_effect() == "observe"
         try:
             key = self.build_task_key(args, kwargs)
+            released_at = None
             if retrying is not None:
+                released_at = utcnow()
                 self._record_retried_attempt(tracker, retrying)
             document = build_document(
                 key=key, task_name=self.name, celery_task_id=celery_task_id,
@@ -245,9 +295,10 @@ class TrackedTask(Task):  # type: ignore[misc]
                 now=utcnow(), dedup_window=tracker.config.dedup_window,
                 not_before=_not_before(options),
                 holds_key=not (force or options.get("group_id")),
-                extra=_send_extra(force, retrying),
+                extra={**_send_extra(force, retrying), **self.stored_arguments(args, kwargs)},
             )
-            outcome = register_send(tracker, document, observe=observe)
+            outcome = register_send(tracker, document, observe=observe,
+                                    preempt_since=released_at)
         except StoreUnavailableError as exc:
             if tracker.config.store_unavailable != "send_untracked" and not observe:
                 raise
@@ -553,7 +604,7 @@ class TrackedTask(Task):  # type: ignore[misc]
             attempt=request.retries, now=now, dedup_window=tracker.config.dedup_window,
             holds_key=not request.group, status=PROCESSING,
             extra={"adopted": True, "worker": dict(worker), "startedAt": now,
-                   "leaseExpiresAt": lease_until},
+                   "leaseExpiresAt": lease_until, **self.stored_arguments(args, kwargs)},
         )
         if execution_id is not None:
             document["executionId"] = execution_id
@@ -591,7 +642,14 @@ class TrackedTask(Task):  # type: ignore[misc]
                    "startedAt": now,
                    "leaseExpiresAt": now + dt.timedelta(seconds=tracker.config.lease)},
         )
-        tracker.store.insert(document)
+        try:
+            tracker.store.insert(document)
+        except StoreUnavailableError as exc:
+            # Observe mode must not change what runs: run it without a record.
+            logger.warning(
+                "tasktracker: could not record the observed execution of taskId=%s "
+                "(celery task id %s): %s", key.task_id, request.id, exc,
+            )
         context = ExecutionContext(
             task_id=key.task_id, execution_id=document["executionId"],
             celery_task_id=request.id, attempt=request.retries, queue=document["queue"],
@@ -673,16 +731,17 @@ class TrackedTask(Task):  # type: ignore[misc]
         # A requeued message runs again as the same execution, so it goes back
         # to queued; a rejected one is finished.
         config = self.tracker.config
+        store = self.tracker.store
         if exc.requeue:
-            self.tracker.store.collection.update_one(
-                {"executionId": context.execution_id, "status": PROCESSING},
-                {"$set": {"status": QUEUED, "updatedAt": utcnow()},
-                 "$unset": {"leaseExpiresAt": ""}},
-            )
+            _write_outcome(lambda: store.requeue(context.execution_id, now=utcnow()),
+                           context, QUEUED)
             return
-        self.tracker.store.fail(
-            context.execution_id, now=utcnow(), runtime_ms=context.runtime_ms(),
-            error=_error_fields(exc, "permanent", config.traceback_max_length),
+        _write_outcome(
+            lambda: store.fail(
+                context.execution_id, now=utcnow(), runtime_ms=context.runtime_ms(),
+                error=_error_fields(exc, "permanent", config.traceback_max_length),
+            ),
+            context, FAILED,
         )
 
     def _categorize(self, exc: BaseException) -> str:
@@ -703,7 +762,9 @@ class TrackedTask(Task):  # type: ignore[misc]
             # re-raises the original error once max_retries is reached.
             reason = "retries_exhausted"
         else:
-            retry_categories = self.tracking_retry_categories or config.retry_categories
+            retry_categories = config.retry_categories
+            if self.tracking_retry_categories is not None:
+                retry_categories = tuple(self.tracking_retry_categories)
             if category not in retry_categories:
                 reason = "not_retryable"
             elif self.max_retries is not None and self.request.retries >= self.max_retries:

@@ -76,7 +76,7 @@ class TrackedRequest(Request):  # type: ignore[misc]
             # record the timeout and release the dedup key here.
             now = utcnow()
             fields = {
-                "status": FAILED, "active": False, "completedAt": now,
+                "status": FAILED, "active": False, "completedAt": now, "finishedAt": now,
                 "errorCategory": "timeout",
                 "errorType": "billiard.exceptions.TimeLimitExceeded",
                 "errorMessage": f"hard time limit ({timeout} s) exceeded",
@@ -104,7 +104,8 @@ def on_task_revoked(sender: Any = None, request: Any = None, terminated: bool = 
         reason = "terminated"
     now = utcnow()
     fields = {
-        "status": FAILED, "active": False, "completedAt": now, "revoked": True,
+        "status": FAILED, "active": False, "completedAt": now, "finishedAt": now,
+        "revoked": True,
         "errorCategory": "permanent", "errorType": "celery.exceptions.TaskRevokedError",
         "errorMessage": f"task {reason}",
     }

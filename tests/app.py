@@ -74,11 +74,14 @@ def _register_tasks(app: Celery, base: type[Task]) -> None:
     @app.task(shared=False, base=base, bind=True, name="tests.notify")
     def notify(self: TrackedTask, user_id: Any, channel: str = "email",
                seconds: float = 0.0) -> str:
-        worker_task_id = None
+        worker_task_id = execution_id = None
         if isinstance(self, TrackedTask):
             worker_task_id = self.build_task_key(self.request.args,
                                                  self.request.kwargs).task_id
-        _note_run(self, f"notify:{user_id}:{channel}", workerTaskId=worker_task_id)
+            if self.current_execution is not None:
+                execution_id = self.current_execution.execution_id
+        _note_run(self, f"notify:{user_id}:{channel}", workerTaskId=worker_task_id,
+                  executionId=execution_id)
         time.sleep(seconds)
         return f"sent {channel} to {user_id}"
 

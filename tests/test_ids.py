@@ -238,3 +238,14 @@ def test_validate_task_id_accepts_built_keys(app: Celery) -> None:
     task_id = key(app, "ids.sync", "SAT LOC", "a:b", "%")
 
     assert validate_task_id(task_id) == task_id
+
+
+def test_string_key_args_rejected_with_fix(app: Celery) -> None:
+    task = app.tasks["ids.sync"]
+    original = task.tracking_key_args
+    task.tracking_key_args = "partner"
+    try:
+        with pytest.raises(TaskIdError, match=r"\('partner',\)"):
+            task.build_task_key(("SATLOC", "695d", "1"), {})
+    finally:
+        task.tracking_key_args = original

@@ -12,7 +12,7 @@ import pytest
 from celery import Celery
 from pymongo import monitoring
 
-from celery_tasktracker import get_tracker
+from celery_tasktracker import get_tracker, operations
 from tests.app import make_app
 from tests.harness import BROKERS, delete_queues, running_workers, unique_name, wait_for
 
@@ -91,6 +91,9 @@ def test_observe_mode_runs_duplicate_sends(
     assert observed["wouldDeduplicate"] is True
     assert observed["observedDuplicateOf"] == holder["executionId"]
     assert observed["taskId"] == holder["taskId"]
+    counts = operations.stats(get_tracker(app)).by_queue[settings["queue"]]
+    assert counts.would_deduplicate_sends == 1
+    assert counts.deduplicated_sends == 0
 
 
 def test_observe_mode_runs_duplicate_deliveries(
@@ -114,6 +117,9 @@ def test_observe_mode_runs_duplicate_deliveries(
     assert len(skipped) == 1
     assert skipped[0]["observedSkipOf"] == original[0]["executionId"]
     assert skipped[0]["status"] == "completed"
+    counts = operations.stats(get_tracker(app)).by_queue[settings["queue"]]
+    assert counts.would_skip_deliveries == 1
+    assert counts.duplicate_deliveries == 0
 
 
 def test_switching_to_enforce_deduplicates(

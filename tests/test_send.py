@@ -208,3 +208,92 @@ def test_task_queue_attribute_recorded(
         delete_queues(BROKERS["redis"], [queue])
 
     assert [d["queue"] for d in records(app)] == [queue]
+
+
+def test_stored_arguments_are_redacted(
+    make_tracked_app: Callable[..., Celery], database: str,
+) -> None:
+    app = make_tracked_app(database=database)
+    notify = app.tasks["tests.notify"]
+    notify.tracking_store_args = True
+    notify.tracking_redact_args = ("user_id",)
+    try:
+        result = notify.delay("alice@example.com", channel="sms")
+    finally:
+        notify.tracking_store_args = False
+        notify.tracking_redact_args = ()
+
+    record = get_tracker(app).store.find_by_celery_id(result.id)
+    assert record["args"] == ["[redacted]"]
+    assert record["kwargs"] == {"channel": "sms"}
+    assert record["redactedArgs"] == ["user_id"]
+
+
+def test_arguments_not_stored_by_default(
+    make_tracked_app: Callable[..., Celery], database: str,
+) -> None:
+    app = make_tracked_app(database=database)
+
+    result = app.tasks["tests.notify"].delay("bob@example.com")
+
+    record = get_tracker(app).store.find_by_celery_id(result.id)
+    assert "args" not in record
+    assert "kwargs" not in record
+
+
+def test_send_task_countdown_extends_dedup_window(
+    make_tracked_app: Callable[..., Celery], database: str,
+) -> None:
+    app = make_tracked_app(database=database)
+
+    sent = app.send_task("tests.notify", args=(31,), countdown=3600)
+
+    record = get_tracker(app).store.find_by_celery_id(sent.id)
+    window = (record["dedupExpiresAt"] - record["createdAt"]).total_seconds()
+    assert window >= 3600 + 300 - 5
+    assert record["notBefore"] > record["createdAt"]
+
+
+def test_retry_supersedes_send_in_handover_gap(
+    make_tracked_app: Callable[..., Celery], database: str,
+) -> None:
+    from celery_tasktracker.publish import TaskKey, build_document, register_send
+    from celery_tasktracker.store.base import utcnow
+
+    app = make_tracked_app(database=database)
+    tracker = get_tracker(app)
+    released_at = utcnow()
+    intruder = build_document(key=TaskKey("ns:gap"), task_name="ns", celery_task_id="c-new",
+                              queue="q", attempt=0, now=utcnow(), dedup_window=300)
+    tracker.store.insert(intruder)
+    retry = build_document(key=TaskKey("ns:gap"), task_name="ns", celery_task_id="c-old",
+                           queue="q", attempt=1, now=utcnow(), dedup_window=300)
+
+    outcome = register_send(tracker, retry, preempt_since=released_at)
+
+    assert outcome.is_duplicate is False
+    assert tracker.store.find_active("ns:gap")["executionId"] == retry["executionId"]
+    assert tracker.store.get(intruder["executionId"])["superseded"] is True
+
+
+def test_send_older_than_release_not_preempted(
+    make_tracked_app: Callable[..., Celery], database: str,
+) -> None:
+    import datetime as dt
+
+    from celery_tasktracker.publish import TaskKey, build_document, register_send
+    from celery_tasktracker.store.base import utcnow
+
+    app = make_tracked_app(database=database)
+    tracker = get_tracker(app)
+    holder = build_document(key=TaskKey("ns:old"), task_name="ns", celery_task_id="c-1",
+                            queue="q", attempt=0, now=utcnow(), dedup_window=300)
+    tracker.store.insert(holder)
+    retry = build_document(key=TaskKey("ns:old"), task_name="ns", celery_task_id="c-2",
+                           queue="q", attempt=1, now=utcnow(), dedup_window=300)
+
+    outcome = register_send(tracker, retry,
+                            preempt_since=utcnow() + dt.timedelta(seconds=1))
+
+    assert outcome.is_duplicate is True
+    assert outcome.existing["executionId"] == holder["executionId"]

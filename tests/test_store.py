@@ -47,7 +47,7 @@ def test_indexes_created_idempotently(store: MongoStore) -> None:
     names = set(store.collection.index_information())
 
     assert {"executionId_unique", "taskId_createdAt", "taskId_active_unique",
-            "status_queue", "status_leaseExpiresAt", "completedAt_ttl"} <= names
+            "status_queue", "status_leaseExpiresAt", "finishedAt_ttl"} <= names
 
 
 def test_second_active_insert_rejected(store: MongoStore) -> None:

@@ -127,6 +127,7 @@ def test_worker_computes_producer_task_id(setup: Setup) -> None:
     run = setup.mongo.body_runs.find_one({"key": f"notify:{user}:email"})
 
     assert run["workerTaskId"] == record["taskId"]
+    assert run["executionId"] == record["executionId"]
 
 
 def test_send_while_running_deduplicated(setup: Setup) -> None:

@@ -73,8 +73,10 @@ def _index_models(retention: float) -> list[pymongo.IndexModel]:
         ),
         pymongo.IndexModel([("status", 1), ("queue", 1)], name="status_queue"),
         pymongo.IndexModel([("status", 1), ("leaseExpiresAt", 1)], name="status_leaseExpiresAt"),
+        # Only records with finishedAt expire: a dlq record has none until it
+        # is archived, so retention never removes one whose message waits.
         pymongo.IndexModel(
-            [("completedAt", 1)], name="completedAt_ttl", expireAfterSeconds=int(retention),
+            [("finishedAt", 1)], name="finishedAt_ttl", expireAfterSeconds=int(retention),
         ),
         pymongo.IndexModel([("celeryTaskId", 1)], name="celeryTaskId"),
     ]
@@ -283,6 +285,14 @@ class MongoStore:
         ))
         return result.modified_count == 1
 
+    def supersede_queued(self, execution_id: str, now: dt.datetime) -> bool:
+        """Release the dedup key of a queued execution so that it is never claimed."""
+        result = self._run("supersede_queued", lambda: self.collection.update_one(
+            {"executionId": execution_id, "active": True, "status": QUEUED},
+            {"$set": {"active": False, "superseded": True, "updatedAt": now}},
+        ))
+        return result.modified_count == 1
+
     def claim(
         self,
         execution_id: str,
@@ -346,7 +356,8 @@ class MongoStore:
         retired = self._run("retire_lapsed", lambda: self.collection.update_one(
             {"executionId": record["executionId"], "status": PROCESSING,
              "leaseExpiresAt": {"$lt": now}},
-            {"$set": {"status": FAILED, "active": False, "completedAt": now, "updatedAt": now,
+            {"$set": {"status": FAILED, "active": False, "completedAt": now,
+                      "finishedAt": now, "updatedAt": now,
                       "errorCategory": "transient", "errorType": LEASE_LAPSED,
                       "errorMessage": "the worker stopped renewing the lease (lost or "
                                       f"killed); redelivered as executionId {new_id}",
@@ -415,6 +426,7 @@ class MongoStore:
         outcome = self._run("complete", lambda: self.collection.update_one(
             {"executionId": execution_id, "status": PROCESSING},
             {"$set": {"status": COMPLETED, "active": False, "completedAt": now,
+                      "finishedAt": now,
                       "updatedAt": now, "runtimeMs": runtime_ms, "result": result},
              "$unset": {"leaseExpiresAt": ""}},
         ))
@@ -438,6 +450,8 @@ class MongoStore:
         allowed = [QUEUED, PROCESSING] + ([FAILED] if status == DLQ else [])
         fields = {"status": status, "active": False, "completedAt": now, "updatedAt": now,
                   **error, **(extra or {})}
+        if status != DLQ:
+            fields["finishedAt"] = now
         if runtime_ms is not None:
             fields["runtimeMs"] = runtime_ms
         outcome = self._run("fail", lambda: self.collection.update_one(
@@ -446,11 +460,19 @@ class MongoStore:
         ))
         return outcome.matched_count == 1
 
+    def requeue(self, execution_id: str, *, now: dt.datetime) -> bool:
+        """Move a processing execution back to queued, as a requeued message needs."""
+        outcome = self._run("requeue", lambda: self.collection.update_one(
+            {"executionId": execution_id, "status": PROCESSING},
+            {"$set": {"status": QUEUED, "updatedAt": now}, "$unset": {"leaseExpiresAt": ""}},
+        ))
+        return outcome.matched_count == 1
+
     def archive(self, execution_id: str, *, now: dt.datetime, extra: Mapping[str, Any]) -> bool:
         """Move a ``dlq`` execution to ``archived``."""
         outcome = self._run("archive", lambda: self.collection.update_one(
             {"executionId": execution_id, "status": DLQ},
-            {"$set": {"status": ARCHIVED, "updatedAt": now, **extra}},
+            {"$set": {"status": ARCHIVED, "updatedAt": now, "finishedAt": now, **extra}},
         ))
         return outcome.matched_count == 1
 
