@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pymongo
-from kombu import Connection
+from kombu import Connection, Exchange, Queue
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -207,12 +207,25 @@ def running_worker(**kwargs: Any) -> Iterator[WorkerProcess]:
 
 
 def delete_queues(broker_url: str, names: Sequence[str]) -> None:
-    """Delete benchmark queues from the broker; missing queues are ignored."""
+    """Delete benchmark queues and their exchanges; missing ones are ignored.
+
+    Every benchmark queue is bound to a direct exchange of the same name,
+    as Celery declares its default queue and the tracker its DLQs.
+    """
     with Connection(broker_url) as connection:
         for name in names:
             channel = connection.channel()
             try:
-                channel.queue_delete(name)
+                if broker_url.startswith("redis://"):
+                    # kombu's Redis transport deletes only the bindings that
+                    # the channel knows, so declare the queue first.
+                    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+                    bound = queue(channel)
+                    bound.declare()
+                    bound.delete()
+                else:
+                    channel.queue_delete(name)
+                    channel.exchange_delete(name)
             except Exception:
                 pass
             finally:
