@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -38,7 +39,7 @@ def worker_setup(
     settings = {"broker_url": BROKERS["redis"], "mongodb_uri": mongodb_uri,
                 "database": database, "queue": unique_name("ttq")}
     with running_workers(1, env={"TT_FAULTY_RECEIVER": "1"}, **settings) as workers:
-        yield make_app(**settings), workers[0], settings
+        yield make_app(**settings), workers[0], {**settings, "worker_name": workers[0].name}
     delete_queues(BROKERS["redis"], [settings["queue"], workers[0].private_queue])
     mongo_client.drop_database(database)
 
@@ -54,7 +55,10 @@ def celery_cli(settings: dict[str, str], *args: str) -> subprocess.CompletedProc
 
 
 def inspect_json(settings: dict[str, str], command: str) -> dict[str, Any]:
-    result = celery_cli(settings, "inspect", command, "--json", "--timeout", "5")
+    # Other workers may share the broker, so ask only this module's worker.
+    destination = f"{settings['worker_name']}@{socket.gethostname()}"
+    result = celery_cli(settings, "inspect", command, "--json", "--timeout", "5",
+                        "--destination", destination)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
