@@ -548,9 +548,11 @@ class TrackedTask(Task):  # type: ignore[misc]
                 self.name, request.id, exc,
             )
             raise Reject(f"tasktracker: could not defer: {exc}", requeue=True) from exc
+        tracking = headers.get(HEADER) or {}
         logger.warning(
-            "tasktracker: deferred %s (celery task id %s) by %.1f s: %s",
-            self.name, request.id, countdown, reason,
+            "tasktracker: deferred %s taskId=%s executionId=%s (celery task id %s) by "
+            "%.1f s: %s", self.name, tracking.get("taskId"), tracking.get("executionId"),
+            request.id, countdown, reason,
         )
         raise Ignore(f"tasktracker: deferred: {reason}")
 
