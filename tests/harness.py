@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from kombu import Connection
+from kombu import Connection, Exchange, Queue
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,12 +146,18 @@ def running_workers(count: int, **kwargs: Any) -> Iterator[list[WorkerProcess]]:
 
 
 def delete_queues(broker_url: str, names: list[str]) -> None:
-    """Delete test queues from the broker; missing queues are ignored."""
+    """Delete test queues and their exchanges; missing ones are ignored."""
     with Connection(broker_url) as connection:
         for name in names:
             channel = connection.channel()
             try:
-                channel.queue_delete(name)
+                # kombu's Redis transport deletes only the bindings the channel
+                # knows, so the queue is declared before it is deleted.
+                queue = Queue(name, Exchange(name, type="direct"), routing_key=name)(channel)
+                if broker_url.startswith("redis://"):
+                    queue.declare()
+                queue.delete()
+                channel.exchange_delete(name)
             except Exception:
                 pass
             finally:
