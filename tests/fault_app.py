@@ -90,11 +90,14 @@ def make_fault_app(settings: FaultSettings) -> Celery:
     if settings.broker_url.startswith("redis"):
         # Sweep for unacknowledged messages every second (kombu 5.7 sweeps
         # about every 100 seconds by default), so a killed worker's messages
-        # come back soon after the visibility timeout.
+        # come back soon after the visibility timeout. Each sweep holds a
+        # Redis lock, and a worker killed during a sweep keeps it until it
+        # expires (after 300 seconds by default), which stops every sweep.
         transport_options = {
             "visibility_timeout": settings.visibility_timeout,
             "unacked_restore_interval": 1,
             "unacked_restore_throttle": 1,
+            "unacked_mutex_expire": 10,
         }
     app.conf.update(
         task_default_queue=settings.queue,

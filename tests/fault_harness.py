@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pymongo
+import redis
 from celery import Celery
 from celery.result import AsyncResult
 from pymongo.errors import PyMongoError
@@ -30,6 +32,7 @@ __all__ = [
     "fault_cluster",
     "kill_pool_child",
     "kill_worker",
+    "purge_redis_queues",
 ]
 
 #: Worker app module that reads :class:`FaultSettings` from the environment.
@@ -130,6 +133,28 @@ def kill_worker(worker: WorkerProcess) -> None:
     worker.process.wait(timeout=15)
 
 
+def purge_redis_queues(broker_url: str, queues: list[str]) -> None:
+    """Delete the waiting and the unacknowledged Redis messages of *queues*.
+
+    Messages that a killed worker left unacknowledged would otherwise be
+    restored into the deleted queues by any later worker on the same
+    database. The lists are deleted by name too, because kombu deletes a
+    Redis queue only while its binding is recorded.
+    """
+    if not broker_url.startswith("redis"):
+        return
+    client = redis.Redis.from_url(broker_url)
+    try:
+        for tag, raw in client.hscan_iter("unacked"):
+            _message, exchange, routing_key = json.loads(raw)
+            if exchange in queues or routing_key in queues:
+                client.hdel("unacked", tag)
+                client.zrem("unacked_index", tag)
+        client.delete(*queues)
+    finally:
+        client.close()
+
+
 @dataclasses.dataclass
 class FaultCluster:
     """Workers of the fault-test app on one queue, and the app that feeds them."""
@@ -212,6 +237,7 @@ class FaultCluster:
         queues = [self.settings.queue, f"{self.settings.queue}.dlq",
                   *(worker.private_queue for worker in [*self.workers, *self.retired])]
         delete_queues(self.settings.broker_url, queues)
+        purge_redis_queues(self.settings.broker_url, queues)
         with contextlib.suppress(PyMongoError):
             self.mongo.drop_database(self.settings.database)
 
