@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -237,6 +238,9 @@ class TrackerConfig:
             ImproperlyConfigured: naming the first invalid or missing setting,
                 its value and the fix.
         """
+        # A misspelt name is reported first: it is often why a required
+        # setting looks missing.
+        _check_unknown(conf)
         values = {}
         for setting in SETTINGS:
             raw = conf.get(setting.key, setting.default)
@@ -253,7 +257,6 @@ class TrackerConfig:
                     f"invalid {setting.key} {shown!r}: {exc} ({setting.type_name}; "
                     f"default {setting.default!r})"
                 ) from exc
-        _check_unknown(conf)
         return cls(**values)
 
     def tracks(self, task_name: str, queue: str | None) -> bool:
@@ -281,7 +284,7 @@ def _check_unknown(conf: Mapping[str, Any]) -> None:
         if isinstance(key, str) and key.startswith("tasktracker_"):
             name = key[len("tasktracker_"):]
             if name not in _BY_NAME:
-                known = ", ".join(s.key for s in SETTINGS)
-                raise ImproperlyConfigured(
-                    f"unknown setting {key!r}; the known settings are: {known}"
-                )
+                close = difflib.get_close_matches(key, [s.key for s in SETTINGS], n=1)
+                hint = (f"did you mean {close[0]!r}?" if close else
+                        "the known settings are: " + ", ".join(s.key for s in SETTINGS))
+                raise ImproperlyConfigured(f"unknown setting {key!r}; {hint}")

@@ -72,3 +72,11 @@ def test_every_setting_has_doc_and_valid_default() -> None:
         assert setting.doc.endswith("."), setting.key
         if not setting.required:
             setting.parse(setting.default)
+
+
+def test_misspelt_uri_named_before_missing_uri() -> None:
+    with pytest.raises(ImproperlyConfigured) as info:
+        TrackerConfig.from_mapping({"tasktracker_mongo_uri": URI})
+
+    assert "unknown setting 'tasktracker_mongo_uri'" in str(info.value)
+    assert "did you mean 'tasktracker_mongodb_uri'?" in str(info.value)
