@@ -138,8 +138,9 @@ def purge_redis_queues(broker_url: str, queues: list[str]) -> None:
 
     Messages that a killed worker left unacknowledged would otherwise be
     restored into the deleted queues by any later worker on the same
-    database. The lists are deleted by name too, because kombu deletes a
-    Redis queue only while its binding is recorded.
+    database. The lists and kombu's binding keys are deleted by name too,
+    because kombu deletes a Redis queue only while its binding is recorded
+    and leaves the binding keys of the per-queue exchanges.
     """
     if not broker_url.startswith("redis"):
         return
@@ -150,7 +151,9 @@ def purge_redis_queues(broker_url: str, queues: list[str]) -> None:
             if exchange in queues or routing_key in queues:
                 client.hdel("unacked", tag)
                 client.zrem("unacked_index", tag)
-        client.delete(*queues)
+        bindings = [f"_kombu.{kind}.{queue}" for queue in queues
+                    for kind in ("binding", "binding_permanent")]
+        client.delete(*queues, *bindings)
     finally:
         client.close()
 

@@ -30,9 +30,10 @@ from tests.fault_harness import (
     RestartableMongo,
     fault_cluster,
     kill_pool_child,
+    purge_redis_queues,
     seconds_left,
 )
-from tests.harness import BROKERS, delete_queues, unique_name, wait_for
+from tests.harness import BROKERS, unique_name, wait_for
 
 pytestmark = pytest.mark.worker
 
@@ -399,7 +400,7 @@ def test_hard_time_limit_records_timeout(release_cluster: FaultCluster) -> None:
                       message="the time limit to be recorded")
     idle_queue = unique_name("ttf-idle")
     second = overrun.apply_async((key,), queue=idle_queue)
-    delete_queues(release_cluster.settings.broker_url, [idle_queue])
+    purge_redis_queues(release_cluster.settings.broker_url, [idle_queue])
 
     assert record["errorCategory"] == "timeout"
     assert record["active"] is False
@@ -424,7 +425,7 @@ def test_stale_queued_record_allows_send(
                      message="the dedup window to pass")
     second = work.delay(key)
     superseded = get_tracker(producer).store.get(stale["executionId"])
-    delete_queues(settings.broker_url, [settings.queue])
+    purge_redis_queues(settings.broker_url, [settings.queue])
 
     assert duplicate.id == first.id
     assert second.id != first.id
