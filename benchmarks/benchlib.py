@@ -218,7 +218,7 @@ def delete_queues(broker_url: str, names: Sequence[str]) -> None:
             try:
                 if broker_url.startswith("redis://"):
                     # kombu's Redis transport deletes only the bindings that
-                    # the channel knows, so declare the queue first.
+                    # the channel has declared, so declare the queue first.
                     queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
                     bound = queue(channel)
                     bound.declare()

@@ -18,9 +18,9 @@ Run it as ``python benchmarks/cpu.py``. The method:
   median of several alternating rounds.
 
 A second section repeats both sides with the MongoDB test server, which runs
-in another process: the CPU figures then add pymongo's encoding and socket
-work in this process, and the wall-clock figures add the server's latency,
-which is SecantusDB's and not MongoDB's.
+in another process. There the CPU figures add pymongo's encoding and socket
+work in this process. The wall-clock figures add the server's latency, which
+is SecantusDB's and not MongoDB's.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ class Lifecycle:
         self, name: str, floor: int, commands: list[tuple[str, str, Mapping[str, Any]]],
     ) -> None:
         self.name = name
-        #: The fewest round trips the design allows for this lifecycle.
+        #: The minimum round trips the design allows for this lifecycle.
         self.floor = floor
         self.producer, self.worker = count_by_side(commands)
 

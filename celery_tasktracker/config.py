@@ -22,7 +22,6 @@ __all__ = [
 DUPLICATE_POLICIES = ("return_existing", "raise")
 MODES = ("enforce", "observe")
 STORE_UNAVAILABLE_POLICIES = ("raise", "send_untracked")
-BUILTIN_CATEGORIES = ("transient", "timeout", "validation", "permanent", "unknown")
 
 
 @dataclasses.dataclass(frozen=True)

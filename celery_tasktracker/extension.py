@@ -174,7 +174,7 @@ def _add_dlq_queues(sender: Celery, **kwargs: Any) -> None:
 
 def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
     # Fail at start-up, not on the first task, when settings are wrong or the
-    # store is unreachable; then close the client so no pool child inherits it.
+    # store is unreachable. Then close the client so no pool child inherits it.
     tracker = getattr(getattr(sender, "app", None), _ATTRIBUTE, None)
     if tracker is None:
         return

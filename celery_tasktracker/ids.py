@@ -34,7 +34,7 @@ __all__ = [
     "validate_task_id",
 ]
 
-#: Longest taskId stored as is; longer keys are shortened with a digest.
+#: Maximum length of a taskId stored as is; longer keys are shortened with a digest.
 MAX_TASK_ID_LENGTH = 200
 
 #: Hex characters of the SHA-256 digest used for default keys and shortening.
@@ -147,7 +147,7 @@ def join_task_id(namespace: str, rendered_parts: Sequence[str]) -> str:
     """Join *namespace* and parts already rendered by :func:`render_part`.
 
     Raises:
-        InvalidTaskIdError: if the namespace holds characters other than
+        InvalidTaskIdError: if the namespace contains characters other than
             letters, digits, ``_``, ``.`` and ``-``.
     """
     if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):

@@ -138,16 +138,18 @@ def _tracking_header(request: Any) -> dict[str, Any]:
 def _active_executions(state: Any) -> list[dict[str, Any]]:
     from .extension import get_tracker
 
-    requests = list(worker_state.active_requests)
-    rows = {request.id: {
-        "celeryTaskId": request.id,
-        "taskName": request.name,
-        "taskId": _tracking_header(request).get("taskId"),
-        "executionId": _tracking_header(request).get("executionId"),
-        "attempt": _tracking_header(request).get("attempt"),
-        "startedAt": None,
-        "leaseExpiresAt": None,
-    } for request in requests}
+    rows = {}
+    for request in list(worker_state.active_requests):
+        header = _tracking_header(request)
+        rows[request.id] = {
+            "celeryTaskId": request.id,
+            "taskName": request.name,
+            "taskId": header.get("taskId"),
+            "executionId": header.get("executionId"),
+            "attempt": header.get("attempt"),
+            "startedAt": None,
+            "leaseExpiresAt": None,
+        }
     if not rows:
         return []
     try:

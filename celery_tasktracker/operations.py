@@ -965,7 +965,7 @@ def replay_dlq(
     already archived is only acknowledged.
 
     When another execution of the taskId is active, the message is skipped
-    and stays on the DLQ, unless *force* is set; a forced replay does not take
+    and stays on the DLQ, unless *force* is set. A forced replay does not take
     part in deduplication. Messages that are not selected or are skipped go
     back to the DLQ at the end. At most *limit* messages are replayed, and
     only messages on the DLQ when the run starts are read.

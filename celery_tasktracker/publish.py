@@ -132,9 +132,9 @@ def register_send(
     active execution, and *document* is inserted anyway without the dedup
     key. The outcome then has both a document and the existing execution.
 
-    With *preempt_since* (a retry, which must never be deduplicated), a
+    *preempt_since* is set for a retry, which must never be deduplicated. A
     queued execution created at or after that time took the key in the gap
-    between the failed attempt's release and this insert: it is superseded,
+    between the failed attempt's release and this insert. It is superseded,
     so its message is skipped at claim, and the retry takes the key.
 
     Raises:

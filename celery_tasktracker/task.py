@@ -72,7 +72,6 @@ class ExecutionContext:
     celery_task_id: str
     attempt: int
     queue: str | None
-    holds_key: bool
     started: float = dataclasses.field(default_factory=time.monotonic)
     #: Set when the body called ``retry()``; an exception that still escapes
     #: the body then means the retries are exhausted.
@@ -485,7 +484,8 @@ class TrackedTask(Task):  # type: ignore[misc]
                                    execution_id=execution_id)
         except StoreUnavailableError as exc:
             # Nothing ran yet, so publish the message again for later.
-            self._defer(request, STORE_RETRY_DELAY, f"tracking store unavailable: {exc}")
+            self._defer(request, STORE_RETRY_DELAY, f"tracking store unavailable: {exc}",
+                        store_unavailable=True)
 
         if not claim.claimed:
             self._skip_or_defer(request, str(header.get("taskId")), str(execution_id),
@@ -494,7 +494,6 @@ class TrackedTask(Task):  # type: ignore[misc]
             task_id=header["taskId"], execution_id=str(claim.execution_id),
             celery_task_id=request.id, attempt=int(header.get("attempt", request.retries)),
             queue=(request.delivery_info or {}).get("routing_key"),
-            holds_key=not request.group,
         )
         self._announce_claim(context, redelivered=claim.redelivered)
         return context
@@ -521,7 +520,9 @@ class TrackedTask(Task):  # type: ignore[misc]
         self._skip_delivery(task_id or str(record.get("taskId")), execution_id, request.id,
                             _skip_reason(record), record=True)
 
-    def _defer(self, request: Any, countdown: float, reason: str) -> None:
+    def _defer(
+        self, request: Any, countdown: float, reason: str, *, store_unavailable: bool = False,
+    ) -> None:
         """Publish this message again after *countdown* seconds, then raise ``Ignore``.
 
         Observe mode never delays a message: it runs the body now, tracked as
@@ -529,11 +530,10 @@ class TrackedTask(Task):  # type: ignore[misc]
         """
         if self.tracking_mode_in_effect() == "observe":
             header = (getattr(request, "headers", None) or {}).get(HEADER) or {}
-            store_down = countdown == STORE_RETRY_DELAY
             logger.info("tasktracker: observe mode runs %s (celery task id %s) that enforce "
                         "mode would defer: %s", self.name, request.id, reason)
             raise _ObservedBlock(header.get("taskId"), header.get("executionId"), reason,
-                                 untracked=store_down)
+                                 untracked=store_unavailable)
         headers = dict(getattr(request, "headers", None) or {})
         headers[HEADER] = {**(headers.get(HEADER) or {"v": 1, "adopt": True}),
                            "deferred": True}
@@ -562,7 +562,7 @@ class TrackedTask(Task):  # type: ignore[misc]
         context = ExecutionContext(
             task_id=record["taskId"], execution_id=record["executionId"],
             celery_task_id=request.id, attempt=int(record.get("attempt", 0)),
-            queue=record.get("queue"), holds_key=False,
+            queue=record.get("queue"),
         )
         error = {key: record.get(key) for key in
                  ("errorCategory", "errorType", "errorMessage", "traceback")}
@@ -594,7 +594,7 @@ class TrackedTask(Task):  # type: ignore[misc]
             context = ExecutionContext(
                 task_id=existing["taskId"], execution_id=str(claim.execution_id),
                 celery_task_id=request.id, attempt=request.retries,
-                queue=existing.get("queue"), holds_key=bool(existing.get("active")),
+                queue=existing.get("queue"),
             )
             self._announce_claim(context, redelivered=True)
             return context
@@ -619,7 +619,6 @@ class TrackedTask(Task):  # type: ignore[misc]
         context = ExecutionContext(
             task_id=key.task_id, execution_id=document["executionId"],
             celery_task_id=request.id, attempt=request.retries, queue=queue,
-            holds_key=not request.group,
         )
         self._announce_claim(context, redelivered=False)
         return context
@@ -629,7 +628,7 @@ class TrackedTask(Task):  # type: ignore[misc]
         blocked: _ObservedBlock,
     ) -> ExecutionContext:
         # Observe mode: run the delivery enforce mode would skip, as its own
-        # execution that holds no dedup key.
+        # execution that does not take the dedup key.
         tracker = self.tracker
         now = utcnow()
         key = (TaskKey(blocked.task_id) if blocked.task_id and blocked.task_id != "None"
@@ -655,7 +654,6 @@ class TrackedTask(Task):  # type: ignore[misc]
         context = ExecutionContext(
             task_id=key.task_id, execution_id=document["executionId"],
             celery_task_id=request.id, attempt=request.retries, queue=document["queue"],
-            holds_key=False,
         )
         self._announce_claim(context, redelivered=False)
         return context

@@ -109,7 +109,7 @@ class MongoTestServer:
                 time.sleep(0.2)
         self.stop()
         raise RuntimeError(
-            f"MongoDB test server at {self.uri} did not answer within "
+            f"MongoDB test server at {self.uri} did not respond within "
             f"{self.startup_timeout:.0f} s ({last_error}); server log: {self.log_text()}"
         )
 

@@ -24,12 +24,16 @@ def _store_of(task: Any) -> Any:
 
 
 def _close_execution(task: Any, celery_task_id: str, *, statuses: tuple[str, ...],
-                     fields: dict[str, Any], what: str) -> None:
+                     fields: dict[str, Any], what: str, hostname: str | None = None) -> None:
     # Runs in the worker's main process, so every error is logged, not raised.
+    # With *hostname*, only records claimed by that worker are closed.
     now = utcnow()
+    query: dict[str, Any] = {"celeryTaskId": celery_task_id, "status": {"$in": list(statuses)}}
+    if hostname is not None:
+        query["worker.hostname"] = hostname
     try:
         _store_of(task).collection.update_many(
-            {"celeryTaskId": celery_task_id, "status": {"$in": list(statuses)}},
+            query,
             {"$set": {"updatedAt": now, **fields}, "$unset": {"leaseExpiresAt": ""}},
         )
     except Exception as exc:
@@ -44,8 +48,11 @@ def _expire_lease(request: Any) -> None:
     # execution over now instead of after the lease runs out.
     now = utcnow()
     try:
+        # Matching the hostname keeps this worker from expiring a successor
+        # that another worker took over with the same celery task id.
         _store_of(request.task).collection.update_many(
-            {"celeryTaskId": request.id, "status": PROCESSING},
+            {"celeryTaskId": request.id, "status": PROCESSING,
+             "worker.hostname": request.hostname},
             {"$set": {"leaseExpiresAt": now - dt.timedelta(milliseconds=1),
                       "updatedAt": now, "workerLost": True}},
         )
@@ -82,7 +89,8 @@ class TrackedRequest(Request):  # type: ignore[misc]
                 "errorMessage": f"hard time limit ({timeout} s) exceeded",
             }
             _close_execution(self.task, self.id, statuses=(PROCESSING,),
-                             what="the hard time limit", fields=fields)
+                             what="the hard time limit", fields=fields,
+                             hostname=self.hostname)
         return result
 
 

@@ -152,7 +152,7 @@ def delete_queues(broker_url: str, names: list[str]) -> None:
             channel = connection.channel()
             try:
                 # kombu's Redis transport deletes only the bindings the channel
-                # knows, so the queue is declared before it is deleted.
+                # has declared, so the queue is declared before it is deleted.
                 queue = Queue(name, Exchange(name, type="direct"), routing_key=name)(channel)
                 if broker_url.startswith("redis://"):
                     queue.declare()

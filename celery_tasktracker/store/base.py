@@ -35,7 +35,7 @@ def utcnow() -> dt.datetime:
     """Return the current time as an aware UTC datetime with millisecond precision.
 
     MongoDB stores milliseconds, so truncating here keeps the value a caller
-    holds equal to the value it reads back.
+    has equal to the value it reads back.
     """
     now = dt.datetime.now(dt.timezone.utc)
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
